@@ -1,0 +1,17 @@
+"""Errors the engine raises at its boundary; the gRPC layer maps each to one status code."""
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served as sent (INVALID_ARGUMENT). Names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFull(RuntimeError):
+    """More requests waiting than the queue holds (RESOURCE_EXHAUSTED); retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is draining or has stopped (UNAVAILABLE)."""
