@@ -31,6 +31,9 @@ class ExpertDispatcher(ABC):
                  topk_weights: torch.Tensor) -> PendingExperts:
         """hidden [T, H]; topk_ids, topk_weights [T, K] (weights already scaled and normalised)."""
 
+    def begin_step(self) -> None:
+        """Called by the engine before each step: the one point where a new placement may take effect."""
+
     def close(self) -> None:
         """Release transport resources; the default has none."""
 

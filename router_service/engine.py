@@ -199,6 +199,7 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         outputs = self._apply_aborts()
+        self.model.dispatcher.begin_step()
         budget = self.settings.max_batched_tokens
         chunks: list[tuple[_Sequence, SeqChunk]] = []
         for seq in self._running:
@@ -271,6 +272,14 @@ class Engine:
         with self._lock:
             self._live_ids.discard(seq.request.request_id)
             self._aborts.discard(seq.request.request_id)
+
+    def fail_running(self) -> list[str]:
+        """After a failed step: drop every running sequence (their state is unknown); waiting ones stay."""
+        failed = [s.request.request_id for s in self._running]
+        for seq in self._running:
+            self._finish(seq)
+        self._running = []
+        return failed
 
     def _apply_aborts(self) -> list[StepOutput]:
         with self._lock:

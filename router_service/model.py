@@ -25,6 +25,7 @@ from expert_workers.experts import swiglu
 from expert_workers.spec import ModelSpec
 from router_service.dispatch import ExpertDispatcher
 from router_service.kv_cache import KVCache
+from router_service.telemetry import LoadWindow
 
 
 @dataclass
@@ -116,6 +117,7 @@ class CausalLM:
         self.norm = norm  # [H]
         self.lm_head = lm_head  # [V, H]
         self.dispatcher = dispatcher
+        self.load: LoadWindow | None = None  # routing telemetry, when the router keeps it
         self.dtype = embed.dtype
         self.device = embed.device
         D = spec.head_dim
@@ -233,6 +235,8 @@ class CausalLM:
 
     def _moe(self, layer: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(lw, h)
+        if self.load is not None:
+            self.load.add(layer, ids.flatten())
         pending = self.dispatcher.dispatch(layer, h, ids, weights)
         # Shared experts run while routed tokens are away.
         out = None

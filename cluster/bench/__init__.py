@@ -1,0 +1,24 @@
+"""`moe-serve bench`: benchmarks that measure side by side in one run and report ratios.
+
+Machines here are shared and noisy, so every figure that matters is a ratio of
+two measurements taken in the same process, on the same checkpoint and prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cluster.bench import engine as engine_bench
+
+SUITES = {"engine": engine_bench}
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
+    bench_sub = p.add_subparsers(dest="suite", required=True)
+    for name, module in SUITES.items():
+        module.add_arguments(bench_sub.add_parser(name, help=module.__doc__.strip().splitlines()[0]))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    return SUITES[args.suite].run(args)

@@ -1,0 +1,170 @@
+"""The `moe-serve` command line: one entry point, one sub-command per job.
+
+    moe-serve serve [--model DIR] [--workers N]      start Ray, expert workers, routers; serve gRPC
+    moe-serve generate --target HOST:PORT --prompt TEXT   stream a completion from a running cluster
+    moe-serve generate [--model DIR] --prompt TEXT   offline, single-process engine
+    moe-serve status --target HOST:PORT             placement and routing load
+    moe-serve make-model --preset tiny DIR          write a random-weight checkpoint
+    moe-serve bench engine ...                      engine vs transformers decode throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated integers, got {text!r}") from None
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", type=_prompt_ids, default=[], help="comma-separated ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
+
+
+def _sampling_params(args):
+    from router_service.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_tokens=args.max_tokens, stop=tuple(args.stop),
+                          stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos,
+                          logprobs=args.logprobs)
+
+
+def _model_dir(args) -> Path:
+    if args.model:
+        return Path(args.model)
+    from cluster.make_model import default_model_dir
+
+    return default_model_dir()
+
+
+def cmd_make_model(args) -> int:
+    from cluster.make_model import make_model
+
+    out = make_model(args.preset, args.out_dir, dtype=args.dtype, layout=args.layout, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.target:
+        from cluster.client import generate_remote
+
+        return generate_remote(args)
+    from router_service.engine import EngineSettings, load_engine
+    from router_service.errors import InvalidRequest
+
+    engine = load_engine(_model_dir(args), EngineSettings(max_model_len=args.max_model_len))
+    prompts = list(args.prompt_ids)
+    if args.prompt:
+        if engine.tokenizer is None:
+            print("error: this checkpoint has no tokenizer.json; use --prompt-ids", file=sys.stderr)
+            return 2
+        prompts += [engine.tokenizer.encode(t) for t in args.prompt]
+    if not prompts:
+        print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
+        return 2
+    try:
+        completions = engine.generate(prompts, _sampling_params(args))
+    except InvalidRequest as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for c in completions:
+        if args.json:
+            record = {"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
+                      "finish_reason": c.finish_reason}
+            if args.logprobs:
+                record["logprobs"] = c.logprobs
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{c.text!s}  [{c.finish_reason}, {len(c.token_ids)} tokens]", flush=True)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cluster.serve import serve
+
+    return serve(args)
+
+
+def cmd_status(args) -> int:
+    from cluster.client import print_status
+
+    return print_status(args)
+
+
+def cmd_bench(args) -> int:
+    from cluster.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Elastic expert serving for MoE language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-model", help="write a random-weight checkpoint in the Hugging Face layout")
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, deepseek-moe-mini, ...)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--layout", choices=["per_expert", "fused"], default="per_expert",
+                   help="expert tensor names: one per expert (default) or fused [E, ...] tensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("serve", help="start the cluster and serve the gRPC API")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, built on first use)")
+    p.add_argument("--workers", type=int, help="expert workers (default 2)")
+    p.add_argument("--routers", type=int, help="routers, on port, port+1, ... (default 1)")
+    p.add_argument("--port", type=int, help="gRPC port of the first router (default 50051)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto); default: start a local one")
+    p.add_argument("--config", help="JSON file of cluster settings; flags override it")
+    p.add_argument("--demo-prompt", help="once serving, stream this prompt's completion to the terminal")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens for --demo-prompt")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate a completion (from a cluster with --target, else offline)")
+    p.add_argument("--target", help="HOST:PORT of a router; without it the single-process engine runs here")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a --target completion")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, built on first use)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action="append", type=_prompt_ids, default=[],
+                   help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("status", help="placement plan and routing load of a running cluster")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    p.set_defaults(func=cmd_status)
+
+    from cluster.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Cluster settings: from flags, environment (MOE_SERVE_*) or a JSON config file.
+
+Every field is typed, described and validated; unknown keys are errors.
+Nested engine settings use `MOE_SERVE_ENGINE__MAX_NUM_SEQS=64` style variables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from router_service.engine import EngineSettings
+
+NAMESPACE = "moe-serve"  # Ray namespace of every named actor
+CONTROLLER_NAME = "controller"
+
+
+class ClusterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOE_SERVE_", env_nested_delimiter="__", extra="forbid")
+
+    model: str | None = Field(None, description="Checkpoint directory; default: the embedded tiny model.")
+    num_workers: int = Field(2, ge=1, description="Expert workers to start with.")
+    num_routers: int = Field(1, ge=1, description="Routers (each its own gRPC server on port, port+1, ...).")
+    host: str = Field("127.0.0.1", description="Address the gRPC servers bind; 0.0.0.0 in a pod.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port of router 0; 0 picks a free port.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Router engine settings.")
+    transport: Literal["ray"] = Field("ray", description="Expert dispatch data plane.")
+    worker_num_cpus: float = Field(0.25, gt=0, description="CPUs each expert worker asks Ray for.")
+    worker_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs each expert worker asks Ray for; default 1 when the cluster has GPUs, else 0.")
+    router_num_cpus: float = Field(0.5, ge=0, description="CPUs each router asks Ray for.")
+    torch_threads: int = Field(1, ge=1, description="torch threads per expert worker process.")
+    router_torch_threads: int = Field(2, ge=1, description="torch threads in each router process.")
+    load_window_seconds: float = Field(60.0, gt=0, description="Sliding window of routing-load telemetry.")
+    start_timeout_seconds: float = Field(300.0, gt=0, description="How long actors may take to start and load.")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "ClusterSettings":
+        data = json.loads(Path(path).read_text())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

@@ -1,0 +1,63 @@
+"""The expert worker: a Ray actor hosting a group of (layer, expert) replicas.
+
+It reads its own weights from the checkpoint (weights never pass through the
+router), keeps them on its GPU when Ray gave it one and on the CPU otherwise,
+runs each layer's tokens for all its experts as one call, and counts tokens
+per logical expert.
+
+Shape legend: T_w tokens sent to this worker, P_w pairs, H hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+
+from expert_workers.checkpoint import Checkpoint, resolve_dtype
+from expert_workers.experts import ExpertGroup
+
+
+class ExpertWorker:
+    """Actor body; `cluster` wraps it with `ray.remote(...)` and the resources it asks for."""
+
+    def __init__(self, worker_id: int, model_dir: str, hosted: dict[int, list[int]], dtype: str,
+                 torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.worker_id = worker_id
+        self.device = torch.device("cuda" if self._assigned_gpu() else "cpu")
+        self.dtype = resolve_dtype(dtype)
+        started = time.perf_counter()
+        self.checkpoint = Checkpoint(model_dir)
+        self.group = ExpertGroup.load(self.checkpoint, hosted, self.dtype, self.device)
+        self.load_seconds = time.perf_counter() - started
+        E = self.checkpoint.spec.moe.num_experts
+        self.tokens = {layer: torch.zeros(E, dtype=torch.long) for layer in self.checkpoint.spec.moe_layers}
+
+    @staticmethod
+    def _assigned_gpu() -> bool:
+        try:
+            import ray
+
+            return bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        except Exception:  # outside Ray (tests of the body itself)
+            return False
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
+                "weight_bytes": self.group.nbytes, "load_seconds": self.load_seconds,
+                "hosted": self.group.hosted()}
+
+    def run(self, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+            weight: torch.Tensor) -> torch.Tensor:
+        """Weighted expert outputs for the rows sent: hidden [T_w, H]; token, expert, weight [P_w] -> [T_w, H]."""
+        d = self.device
+        out = self.group.run(layer, hidden.to(d), token.to(d), expert.to(d), weight.to(d))
+        self.tokens[layer] += torch.bincount(expert, minlength=self.tokens[layer].numel())
+        return out.cpu() if d.type != "cpu" else out
+
+    def token_counts(self) -> dict[int, list[int]]:
+        return {layer: t.tolist() for layer, t in self.tokens.items()}

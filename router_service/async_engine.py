@@ -1,0 +1,85 @@
+"""The engine behind an asyncio server: one engine thread, one output queue per request.
+
+Threads: the engine thread (`engine-loop`) alone calls `Engine.step`; outputs
+reach request queues through `loop.call_soon_threadsafe`, so the queues and
+`_streams` belong to the event loop. `generate` is an async generator: when
+its consumer goes away (client cancel, deadline) the request is aborted and
+its KV slot is freed at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from typing import AsyncIterator
+
+from router_service.engine import Engine, Request, StepOutput
+from router_service.errors import EngineStopped
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None):
+        self.engine = engine
+        self.loop = loop or asyncio.get_running_loop()
+        self._streams: dict[str, asyncio.Queue] = {}  # event-loop only
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request: Request) -> AsyncIterator[StepOutput]:
+        if self._stopped:
+            raise EngineStopped("the engine is shutting down")
+        request.request_id = request.request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = queue  # before add_request: outputs may come at once
+        finished = False
+        try:
+            self.engine.add_request(request)
+            self._wake.set()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.engine.abort(request.request_id)
+                self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _deliver(self, item: StepOutput | BaseException, request_id: str) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a failed step fails its requests, never the server
+                log.exception("engine step failed")
+                for request_id in self.engine.fail_running():
+                    self.loop.call_soon_threadsafe(self._deliver, EngineStepError(str(err)), request_id)
+                continue
+            for out in outputs:
+                self.loop.call_soon_threadsafe(self._deliver, out, out.request_id)
+
+
+class EngineStepError(RuntimeError):
+    """A step failed (e.g. an expert worker died); its requests end with this error (UNAVAILABLE)."""

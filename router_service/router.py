@@ -1,0 +1,84 @@
+"""The router: a Ray actor that hosts the engine and its own grpc.aio server.
+
+Its routed-expert compute goes through `ClusterDispatcher` to the expert
+workers named in the placement plan. The gRPC server runs on the actor's
+event loop (Ray async actor); the engine runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import torch
+
+from router_service.async_engine import AsyncEngine
+from router_service.cluster_dispatch import ClusterDispatcher, RayCallTransport
+from router_service.engine import EngineSettings, load_engine
+from router_service.placement import PlacementPlan
+from router_service.server import AdminBackend, start_server
+from router_service.telemetry import LoadWindow
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Actor body; `cluster` wraps it with `ray.remote(...)`."""
+
+    def __init__(self, router_id: int, model_dir: str, engine_settings: dict, plan: PlacementPlan, host: str,
+                 port: int, namespace: str, controller_name: str, load_window_seconds: float = 60.0,
+                 torch_threads: int = 2):
+        torch.set_num_threads(torch_threads)
+        self.router_id = router_id
+        self.model_dir = model_dir
+        self.engine_settings = EngineSettings(**engine_settings)
+        self.plan = plan
+        self.host, self.port = host, port
+        self.namespace, self.controller_name = namespace, controller_name
+        self.load_window_seconds = load_window_seconds
+        self.server = None
+
+    def _actor(self, name: str):
+        import ray
+
+        return ray.get_actor(name, namespace=self.namespace)
+
+    def _worker_handles(self, plan: PlacementPlan) -> dict:
+        return {w.worker_id: self._actor(w.name) for w in plan.workers}
+
+    async def start(self) -> int:
+        """Load the non-expert weights, start the engine and the gRPC server; returns the bound port."""
+        self.dispatcher = ClusterDispatcher(self.plan, RayCallTransport(), self._worker_handles(self.plan))
+        engine = await asyncio.to_thread(load_engine, self.model_dir, self.engine_settings, self.dispatcher)
+        spec = engine.spec
+        engine.model.load = LoadWindow(spec.moe_layers, spec.moe.num_experts, self.load_window_seconds)
+        self.engine = AsyncEngine(engine, asyncio.get_running_loop())
+        controller = self._actor(self.controller_name)
+        admin = AdminBackend(placement=lambda: controller.placement_message.remote(),
+                             expert_load=lambda: controller.expert_load_message.remote())
+        self.server, self.port, self.health = await start_server(
+            self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir)
+        log.info("router %d serving on %s:%d", self.router_id, self.host, self.port)
+        return self.port
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens per (MoE layer index, expert) in the window, [L][E]."""
+        return self.engine.engine.model.load.totals().tolist()
+
+    def set_plan(self, plan: PlacementPlan) -> int:
+        """Switch to a new plan at the next step boundary; returns the version acknowledged."""
+        self.dispatcher.set_plan(plan, self._worker_handles(plan))
+        self.plan = plan
+        return plan.version
+
+    def stats(self) -> dict:
+        e = self.engine.engine
+        return {"router_id": self.router_id, "port": self.port, "running": e.num_running, "waiting": e.num_waiting,
+                "kv_slots_used": e.kv.used_slots, "kv_slots": e.kv.num_slots, "steps": e.steps}
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        if self.server is not None:
+            self.engine.stop()
+            await self.server.stop(grace_seconds)
+            self.server = None

@@ -1,0 +1,262 @@
+"""The gRPC front: Generation and ClusterAdmin servicers, health, reflection, error mapping.
+
+Servicers stay thin: message in, domain call, message out. One interceptor
+turns the engine's exceptions into status codes, so every handler reports a
+bad field, a full queue or a failed step the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router_service.api import cluster_admin_pb2 as admin_pb2
+from router_service.api import cluster_admin_pb2_grpc as admin_grpc
+from router_service.api import generation_pb2 as pb2
+from router_service.api import generation_pb2_grpc as pb2_grpc
+from router_service.async_engine import AsyncEngine, EngineStepError
+from router_service.engine import Request, StepOutput
+from router_service.errors import EngineStopped, InvalidRequest, QueueFull
+from router_service.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16
+
+FINISH_REASONS = {
+    "length": pb2.FINISH_REASON_LENGTH,
+    "stop": pb2.FINISH_REASON_STOP,
+    "eos": pb2.FINISH_REASON_EOS,
+    "cancelled": pb2.FINISH_REASON_CANCELLED,
+}
+
+# Exception type -> status code; the first match in order wins.
+STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineStopped, grpc.StatusCode.UNAVAILABLE),
+    (EngineStepError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+# --- message <-> domain ---------------------------------------------------------------------
+
+
+def to_request(msg: pb2.GenerateRequest, tokenizer) -> Request:
+    kind = msg.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("prompt", "is missing: set text or token_ids")
+    if kind == "text":
+        if not msg.text:
+            raise InvalidRequest("prompt.text", "is empty")
+        if tokenizer is None:
+            raise InvalidRequest("prompt.text", "this model has no tokenizer; send token_ids")
+        ids = tokenizer.encode(msg.text)
+    else:
+        ids = list(msg.token_ids.ids)
+    s = msg.sampling
+    params = SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=msg.return_logprobs,
+    )
+    return Request(msg.request_id, ids, params)
+
+
+class _Timer:
+    """Arrival-relative timings of one request."""
+
+    def __init__(self):
+        self.arrival = time.perf_counter()
+        self.first_token: float | None = None
+        self.queue = 0.0
+
+    def saw(self, out: StepOutput) -> None:
+        if self.first_token is None and out.token_ids:
+            self.first_token = time.perf_counter() - self.arrival
+            self.queue = out.queue_seconds
+
+    def message(self) -> pb2.Timings:
+        return pb2.Timings(queue_seconds=self.queue, time_to_first_token_seconds=self.first_token or 0.0,
+                           total_seconds=time.perf_counter() - self.arrival)
+
+
+def _usage(out: StepOutput) -> pb2.Usage:
+    return pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+
+
+# --- servicers --------------------------------------------------------------------------------
+
+
+class GenerationServicer(pb2_grpc.GenerationServicer):
+    def __init__(self, engine: AsyncEngine, model_name: str, model_path: str):
+        self.engine = engine
+        self.model_name, self.model_path = model_name, model_path
+
+    async def Generate(self, request: pb2.GenerateRequest, context) -> pb2.GenerateResponse:
+        req = to_request(request, self.engine.engine.tokenizer)
+        timer = _Timer()
+        response = pb2.GenerateResponse()
+        async for out in self.engine.generate(req):
+            timer.saw(out)
+            response.token_ids.extend(out.token_ids)
+            response.logprobs.extend(out.logprobs)
+            response.text += out.text
+            if out.finished:
+                response.finish_reason = FINISH_REASONS[out.finish_reason]
+                response.usage.CopyFrom(_usage(out))
+        response.request_id = req.request_id
+        response.timings.CopyFrom(timer.message())
+        return response
+
+    async def GenerateStream(self, request: pb2.GenerateRequest, context):
+        req = to_request(request, self.engine.engine.tokenizer)
+        timer = _Timer()
+        async for out in self.engine.generate(req):
+            timer.saw(out)
+            msg = pb2.GenerateStreamResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text,
+                                             logprobs=out.logprobs)
+            if out.finished:
+                msg.finish_reason = FINISH_REASONS[out.finish_reason]
+                msg.usage.CopyFrom(_usage(out))
+                msg.timings.CopyFrom(timer.message())
+            yield msg
+
+    async def Tokenize(self, request: pb2.TokenizeRequest, context) -> pb2.TokenizeResponse:
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            raise InvalidRequest("text", "this model has no tokenizer")
+        ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb2.TokenizeResponse(token_ids=ids, tokens=[tokenizer.id_to_token(i) or "" for i in ids])
+
+    async def GetModelInfo(self, request, context) -> pb2.ModelInfo:
+        engine = self.engine.engine
+        spec = engine.spec
+        moe = spec.moe
+        info = pb2.ModelInfo(
+            model_name=self.model_name, model_path=self.model_path, model_type=spec.model_type,
+            vocab_size=spec.vocab_size, max_model_len=engine.max_model_len, num_layers=spec.num_layers,
+            moe_layers=spec.moe_layers, hidden_size=spec.hidden_size, eos_token_ids=sorted(engine.eos_token_ids),
+            dtype=str(engine.model.dtype).removeprefix("torch."),
+        )
+        if moe is not None:
+            info.num_experts, info.top_k = moe.num_experts, moe.top_k
+            info.moe_intermediate_size = moe.expert_intermediate_size
+            info.shared_expert_intermediate_size = moe.shared_intermediate_size
+            info.num_shared_experts = moe.shared_intermediate_size // moe.expert_intermediate_size
+        return info
+
+
+class ClusterAdminServicer(admin_grpc.ClusterAdminServicer):
+    """Forwards to the controller; `admin` is any object with the awaitable calls below."""
+
+    def __init__(self, admin: "AdminBackend"):
+        self.admin = admin
+
+    async def GetPlacement(self, request, context) -> admin_pb2.Placement:
+        return admin_pb2.Placement.FromString(await self.admin.placement())
+
+    async def GetExpertLoad(self, request, context) -> admin_pb2.ExpertLoad:
+        return admin_pb2.ExpertLoad.FromString(await self.admin.expert_load())
+
+
+class AdminBackend:
+    """What the admin servicer needs: serialized Placement and ExpertLoad messages."""
+
+    def __init__(self, placement: Callable[[], Awaitable[bytes]], expert_load: Callable[[], Awaitable[bytes]]):
+        self.placement, self.expert_load = placement, expert_load
+
+
+# --- error mapping --------------------------------------------------------------------------
+
+
+def status_of(err: BaseException) -> grpc.StatusCode | None:
+    return next((code for kind, code in STATUS_OF if isinstance(err, kind)), None)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Engine exceptions -> status codes with the exception's message; anything else is INTERNAL."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, details.method))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, details.method))
+        return handler
+
+    @staticmethod
+    async def _abort(context, err: Exception, method: str):
+        code = status_of(err)
+        if code is None:
+            log.exception("%s failed", method)
+            code = grpc.StatusCode.INTERNAL
+        await context.abort(code, str(err))
+
+    def _wrap_unary(self, fn, method):
+        async def wrapped(request, context):
+            try:
+                return await fn(request, context)
+            except (InvalidRequest, QueueFull, EngineStopped, EngineStepError, Exception) as err:
+                if isinstance(err, grpc.aio.AbortError):
+                    raise
+                await self._abort(context, err, method)
+
+        return wrapped
+
+    def _wrap_stream(self, fn, method):
+        async def wrapped(request, context):
+            try:
+                async for msg in fn(request, context):
+                    yield msg
+            except Exception as err:
+                if isinstance(err, grpc.aio.AbortError):
+                    raise
+                await self._abort(context, err, method)
+
+        return wrapped
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+
+async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: str, port: int, model_name: str,
+                       model_path: str) -> tuple[grpc.aio.Server, int, Any]:
+    """Start a grpc.aio server with every service; returns (server, bound port, health servicer)."""
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+    pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, model_name, model_path), server)
+    services = [pb2.DESCRIPTOR.services_by_name["Generation"].full_name]
+    if admin is not None:
+        admin_grpc.add_ClusterAdminServicer_to_server(ClusterAdminServicer(admin), server)
+        services.append(admin_pb2.DESCRIPTOR.services_by_name["ClusterAdmin"].full_name)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(services, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    for name in ["", *services[:2]]:
+        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+async def _set_health(servicer, service: str, status) -> None:
+    result = servicer.set(service, status)
+    if hasattr(result, "__await__"):
+        await result
