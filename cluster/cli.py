@@ -108,12 +108,6 @@ def cmd_status(args) -> int:
     return print_status(args)
 
 
-def cmd_bench(args) -> int:
-    from cluster.bench import run_bench
-
-    return run_bench(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Elastic expert serving for MoE language models")
     sub = parser.add_subparsers(dest="command", required=True)

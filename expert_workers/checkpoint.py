@@ -58,7 +58,8 @@ class Checkpoint:
 
     def _file(self, name: str):
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {self.dir}")
+            index = "model.safetensors.index.json" if (self.dir / "model.safetensors.index.json").exists() else "model.safetensors"
+            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint ('{index}' in {self.dir})")
         file = self.weight_map[name]
         if file not in self._handles:
             path = self.dir / file
@@ -81,9 +82,14 @@ class Checkpoint:
     def read_rows(self, name: str, rows: list[int], shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
         """Selected slices along dim 0 of a stacked tensor (fused experts), reading only those rows."""
         handle, file = self._file(name)
-        sl = handle.get_slice(name)
-        self._check(name, file, torch.Size(sl.get_shape()), shape)
-        return torch.stack([sl[r : r + 1][0] for r in rows]).to(dtype)
+        try:
+            sl = handle.get_slice(name)
+            self._check(name, file, torch.Size(sl.get_shape()), shape)
+            return torch.stack([sl[r : r + 1][0] for r in rows]).to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"tensor '{name}' in '{file}' cannot be read ({err})") from None
 
     @staticmethod
     def _check(name: str, file: str, actual: torch.Size, expected: Iterable[int] | None) -> None:

@@ -15,6 +15,7 @@ SUITES = {"engine": engine_bench}
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
+    p.set_defaults(func=run_bench)
     bench_sub = p.add_subparsers(dest="suite", required=True)
     for name, module in SUITES.items():
         module.add_arguments(bench_sub.add_parser(name, help=module.__doc__.strip().splitlines()[0]))

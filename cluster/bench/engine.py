@@ -1,8 +1,10 @@
 """Decode throughput of the single-process engine against transformers generate().
 
 Both decode the same random prompts greedily on the same checkpoint, in this
-process, one after the other. Decode tokens/s excludes prefill: each side runs
-N tokens and 1 token and divides the B*(N-1) extra tokens by the extra time.
+process. Decode tokens/s excludes prefill: each side runs N tokens and 1 token
+and divides the B*(N-1) extra tokens by the extra time. The two sides alternate
+for several rounds and each reports its median, so a burst of load from
+elsewhere on a shared machine hits both.
 """
 
 from __future__ import annotations
@@ -20,33 +22,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (median reported)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--out", default="bench-results/engine.json")
 
 
-def _engine_rate(engine, prompts, tokens: int) -> float:
+def _engine_runner(engine, prompts):
     from router_service.sampling import SamplingParams
 
-    def run(n):
-        return lambda: engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
-
-    run(2)()  # warm-up
-    extra = timed(run(tokens)) - timed(run(1))
-    return len(prompts) * (tokens - 1) / extra
+    return lambda n: engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
 
 
-def _reference_rate(model, prompts, tokens: int) -> float:
+def _reference_runner(model, prompts):
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
     def run(n):
-        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
 
-    with torch.inference_mode():
-        run(2)()
-        extra = timed(run(tokens)) - timed(run(1))
-    return len(prompts) * (tokens - 1) / extra
+    return run
+
+
+def decode_rate(run, batch: int, tokens: int) -> float:
+    """Decode tokens/s of one round: (N-token run) minus (1-token run) isolates decode steps."""
+    extra = timed(lambda: run(tokens)) - timed(lambda: run(1))
+    return batch * (tokens - 1) / extra
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +71,17 @@ def run(args: argparse.Namespace) -> int:
     rows, results = [], []
     for b in batches:
         prompts = torch.randint(0, engine.spec.vocab_size, (b, args.prompt_len), generator=gen).tolist()
-        ours = _engine_rate(engine, prompts, args.tokens)
-        ref = _reference_rate(reference, prompts, args.tokens) if reference is not None else None
+        runners = {"engine": _engine_runner(engine, prompts)}
+        if reference is not None:
+            runners["transformers"] = _reference_runner(reference, prompts)
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        for run in runners.values():
+            run(2)  # warm-up
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                rates[name].append(decode_rate(run, b, args.tokens))
+        ours = median(rates["engine"])
+        ref = median(rates["transformers"]) if reference is not None else None
         results.append({"batch": b, "engine_tokens_per_s": ours, "transformers_tokens_per_s": ref,
                         "ratio": ours / ref if ref else None})
         rows.append([b, ours, ref if ref else "-", f"{ours / ref:.2f}x" if ref else "-"])
