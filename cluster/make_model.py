@@ -290,7 +290,7 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
         assert moe is not None
         # Logits x.W with x of RMS 1 after the norm have std sqrt(H)*std; H**-0.5 gives ~1,
         # so routing is skewed like a trained gate's rather than uniform.
-        yield _Planned(names.router_gate(i), (moe.num_experts, H), H**-0.5)
+        yield _Planned(names.router_gates(i)[0], (moe.num_experts, H), H**-0.5)
         yield from _experts(spec, i, layout)
         if moe.shared_intermediate_size:
             shared = _llama_mlp(f"{names.moe(i)}.{names.shared_prefix}")

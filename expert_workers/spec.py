@@ -54,8 +54,13 @@ class WeightNames:
     def moe(self, layer: int) -> str:
         return self.moe_prefix.format(layer=layer)
 
-    def router_gate(self, layer: int) -> str:
-        return f"{self.moe(layer)}.gate.weight"
+    def _moe_prefixes(self, layer: int) -> list[str]:
+        # transformers 5 keeps every family's MoE block at `mlp` in memory and may save it there.
+        return list(dict.fromkeys([self.moe(layer), f"model.layers.{layer}.mlp"]))
+
+    def router_gates(self, layer: int) -> list[str]:
+        """Candidates for the gate weight [E, H]; the first is the family's own name."""
+        return [f"{p}.gate.weight" for p in self._moe_prefixes(layer)]
 
     def expert(self, layer: int, expert: int) -> tuple[str, str, str]:
         """Per-expert layout: names of (gate, up, down) weights of one logical expert."""
@@ -64,8 +69,7 @@ class WeightNames:
 
     def fused_experts(self, layer: int) -> list[tuple[str, str]]:
         """Fused layout candidates: (gate_up [E, 2I, H], down [E, H, I]) as transformers 5 keeps them."""
-        prefixes = dict.fromkeys([self.moe(layer), f"model.layers.{layer}.mlp"])
-        return [(f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj") for p in prefixes]
+        return [(f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj") for p in self._moe_prefixes(layer)]
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,9 @@ class CausalLM:
             )
             if spec.is_moe_layer(i):
                 moe, names = spec.moe, spec.names
-                lw.router = read(names.router_gate(i), (moe.num_experts, H), torch.float32)
+                gates = names.router_gates(i)
+                gate = next((g for g in gates if g in checkpoint), gates[0])
+                lw.router = read(gate, (moe.num_experts, H), torch.float32)
                 if moe.shared_intermediate_size:
                     s, Is = f"{names.moe(i)}.{names.shared_prefix}", moe.shared_intermediate_size
                     lw.shared_gate_up = torch.cat([read(f"{s}.gate_proj.weight", (Is, H)),

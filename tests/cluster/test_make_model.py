@@ -147,7 +147,7 @@ def test_round_trip_through_checkpoint(build, name, layout):
         assert 0.015 < float(gate_up.std()) < 0.025  # initializer_range 0.02
         # Every expert is a different draw.
         assert not torch.equal(gate_up[0], gate_up[1]) and not torch.equal(down[1], down[2])
-    gate = ckpt.read(spec.names.router_gate(spec.moe_layers[0]))
+    gate = ckpt.read(spec.names.router_gates(spec.moe_layers[0])[0])
     assert float(gate.std()) > 0.1  # larger than 0.02, so routing is not near-uniform
 
 
