@@ -77,7 +77,7 @@ class Controller:
             self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE,
                                                    num_cpus=s.router_num_cpus).remote(
                 r, self.model_dir, s.engine.model_dump(), self.plan, s.host, port, NAMESPACE, CONTROLLER_NAME,
-                s.load_window_seconds, s.router_torch_threads))
+                s.load_window_seconds, s.router_torch_threads, s.transport))
         self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
                                             s.start_timeout_seconds)
         log.info("cluster up: %d workers, routers on ports %s", len(self.workers), self.ports)
@@ -89,7 +89,7 @@ class Controller:
         msg = admin_pb2.Placement(plan_version=self.plan.version)
         for w in self.plan.workers:
             info = self.worker_info.get(w.worker_id, {})
-            msg.workers.add(worker_id=str(w.worker_id), actor_name=w.name, node_id=info.get("host", ""),
+            msg.workers.add(worker_id=str(w.worker_id), actor_name=w.name, node_id=info.get("node_id", ""),
                             device=info.get("device", ""), state=admin_pb2.WORKER_STATE_READY,
                             replicas=[admin_pb2.ExpertRef(layer=l, expert=e) for l, e in w.replicas])
         return msg

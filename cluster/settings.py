@@ -28,7 +28,9 @@ class ClusterSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind; 0.0.0.0 in a pod.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of router 0; 0 picks a free port.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Router engine settings.")
-    transport: Literal["ray"] = Field("ray", description="Expert dispatch data plane.")
+    transport: Literal["socket", "ray"] = Field(
+        "socket", description="Expert dispatch data plane: 'socket' (fast: raw tensors over Unix/TCP sockets) "
+                              "or 'ray' (reference: one Ray actor call per worker per MoE layer).")
     worker_num_cpus: float = Field(0.25, gt=0, description="CPUs each expert worker asks Ray for.")
     worker_num_gpus: float | None = Field(
         None, ge=0, description="GPUs each expert worker asks Ray for; default 1 when the cluster has GPUs, else 0.")

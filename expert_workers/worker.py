@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import torch
 
 from expert_workers.checkpoint import Checkpoint, resolve_dtype
 from expert_workers.experts import ExpertGroup
+from expert_workers.wire import ExpertServer
 
 
 class ExpertWorker:
@@ -35,7 +37,24 @@ class ExpertWorker:
         self.load_seconds = time.perf_counter() - started
         E = self.checkpoint.spec.moe.num_experts
         self.tokens = {layer: torch.zeros(E, dtype=torch.long) for layer in self.checkpoint.spec.moe_layers}
+        self._count_lock = threading.Lock()  # run() is called from Ray's thread and socket threads
+        self.server = ExpertServer(self.run, self._node_ip())
 
+    @staticmethod
+    def _node_ip() -> str:
+        try:
+            import ray
+
+            return ray.util.get_node_ip_address()
+        except Exception:
+            return "127.0.0.1"
+
+    def endpoint(self) -> dict:
+        """Where the fast data plane reaches this worker (SocketTransport)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "unix": self.server.unix_path,
+                "tcp": self.server.tcp_address}
     @staticmethod
     def _assigned_gpu() -> bool:
         try:
@@ -46,8 +65,13 @@ class ExpertWorker:
             return False
 
     def info(self) -> dict:
+        import ray
+
+        gpu = self.device.type == "cuda"
         return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
-                "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "device": f"cuda:{torch.cuda.current_device()}" if gpu else "cpu",
+                "device_name": torch.cuda.get_device_name(self.device) if gpu else "cpu",
                 "weight_bytes": self.group.nbytes, "load_seconds": self.load_seconds,
                 "hosted": self.group.hosted()}
 
@@ -56,7 +80,9 @@ class ExpertWorker:
         """Weighted expert outputs for the rows sent: hidden [T_w, H]; token, expert, weight [P_w] -> [T_w, H]."""
         d = self.device
         out = self.group.run(layer, hidden.to(d), token.to(d), expert.to(d), weight.to(d))
-        self.tokens[layer] += torch.bincount(expert, minlength=self.tokens[layer].numel())
+        counts = torch.bincount(expert.cpu(), minlength=self.tokens[layer].numel())
+        with self._count_lock:
+            self.tokens[layer] += counts
         return out.cpu() if d.type != "cpu" else out
 
     def token_counts(self) -> dict[int, list[int]]:

@@ -36,11 +36,14 @@ class AsyncEngine:
             raise EngineStopped("the engine is shutting down")
         request.request_id = request.request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = queue  # before add_request: outputs may come at once
+        # add_request first: a refused request (e.g. a duplicate of an in-flight id) must leave the stream
+        # and the request that own that id alone. No output is lost: outputs reach `_streams` through
+        # callbacks on this loop, which cannot run before the next await.
+        self.engine.add_request(request)
+        self._streams[request.request_id] = queue
+        self._wake.set()
         finished = False
         try:
-            self.engine.add_request(request)
-            self._wake.set()
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -50,7 +53,8 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request.request_id, None)
+            if self._streams.get(request.request_id) is queue:  # a reused id may own the entry by now
+                del self._streams[request.request_id]
             if not finished:
                 self.engine.abort(request.request_id)
                 self._wake.set()

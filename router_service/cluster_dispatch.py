@@ -3,11 +3,12 @@
 The dispatcher groups (token, expert) pairs by the worker that will run them
 (by the current placement plan), sends each worker only the hidden rows it
 needs, and adds the weighted partial sums that come back. How bytes travel is
-a `Transport`; the plain Ray actor call is the reference one.
+a `Transport` (router_service.transports).
 
 Threads: `dispatch` and `PendingExperts.wait` run on the engine thread;
-`set_plan` may be called from another thread and swaps the plan atomically;
-the engine picks it up at the next step boundary (`begin_step`).
+`set_plan` runs on another thread: it connects to new workers there, then
+queues the plan, which the engine thread adopts at the next step boundary
+(`begin_step`). A step never waits for a connection or a weight load.
 
 Shape legend: T tokens, H hidden, P pairs, T_w / P_w those sent to worker w.
 """
@@ -15,48 +16,13 @@ Shape legend: T tokens, H hidden, P pairs, T_w / P_w those sent to worker w.
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
 from router_service.dispatch import ExpertDispatcher, PendingExperts, to_pairs
 from router_service.placement import PlacementPlan, ReplicaTable
-
-
-class Transport(ABC):
-    """Moves one layer's sub-batch to a worker and its partial output back."""
-
-    @abstractmethod
-    def submit(self, worker_id: int, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
-               weight: torch.Tensor) -> Any:
-        """Start the call; return a handle for `collect`. hidden [T_w, H]; token, expert, weight [P_w]."""
-
-    @abstractmethod
-    def collect(self, handles: list[Any]) -> list[torch.Tensor]:
-        """Wait for the calls; outputs [T_w, H] in the same order."""
-
-    @abstractmethod
-    def set_workers(self, workers: dict[int, Any]) -> None:
-        """The live worker endpoints (worker id -> actor handle)."""
-
-
-class RayCallTransport(Transport):
-    """Reference transport: one Ray actor call per worker per layer."""
-
-    def __init__(self):
-        self._workers: dict[int, Any] = {}
-
-    def set_workers(self, workers):
-        self._workers = dict(workers)
-
-    def submit(self, worker_id, layer, hidden, token, expert, weight):
-        return self._workers[worker_id].run.remote(layer, hidden, token, expert, weight)
-
-    def collect(self, handles):
-        import ray
-
-        return ray.get(handles)
+from router_service.transports import Transport
 
 
 class _PendingCluster(PendingExperts):
@@ -73,34 +39,40 @@ class ClusterDispatcher(ExpertDispatcher):
     def __init__(self, plan: PlacementPlan, transport: Transport, workers: dict[int, Any]):
         self.transport = transport
         self._lock = threading.Lock()
-        self._next: tuple[PlacementPlan, dict[int, Any]] | None = None  # guarded by _lock
-        self._apply(plan, workers)
+        self._next: PlacementPlan | None = None  # guarded by _lock
+        plan.validate()
+        transport.connect(workers)
+        self._apply(plan)
 
     @property
     def plan(self) -> PlacementPlan:
         return self._plan
 
-    def _apply(self, plan: PlacementPlan, workers: dict[int, Any]) -> None:
-        plan.validate()
-        self.transport.set_workers(workers)
+    def _apply(self, plan: PlacementPlan) -> None:
+        self.transport.retain({w.worker_id for w in plan.workers})
         self._plan, self._table = plan, ReplicaTable.from_plan(plan)
 
     def set_plan(self, plan: PlacementPlan, workers: dict[int, Any]) -> None:
-        """Queue a new plan; it takes effect at the next step boundary."""
+        """Connect to the plan's workers now; the plan takes effect at the next step boundary."""
+        plan.validate()
+        self.transport.connect(workers)
         with self._lock:
-            self._next = (plan, workers)
+            self._next = plan
 
     def begin_step(self) -> None:
         with self._lock:
             pending, self._next = self._next, None
         if pending is not None:
-            self._apply(*pending)
+            self._apply(pending)
+
+    def close(self) -> None:
+        self.transport.close()
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights) -> PendingExperts:
         token, expert, weight = to_pairs(topk_ids, topk_weights)  # [P]
         worker = self._table.assign(layer, expert)  # [P]
         handles, rows = [], []
-        for w in torch.unique(worker).tolist():
+        for w in torch.unique(worker).tolist():  # one message per worker that has tokens
             sel = worker == w
             w_token = token[sel]
             uniq, local = torch.unique(w_token, return_inverse=True)  # rows this worker needs

@@ -14,11 +14,12 @@ import os
 import torch
 
 from router_service.async_engine import AsyncEngine
-from router_service.cluster_dispatch import ClusterDispatcher, RayCallTransport
+from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
 from router_service.placement import PlacementPlan
 from router_service.server import AdminBackend, start_server
 from router_service.telemetry import LoadWindow
+from router_service.transports import TRANSPORTS, SocketTransport
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Router:
 
     def __init__(self, router_id: int, model_dir: str, engine_settings: dict, plan: PlacementPlan, host: str,
                  port: int, namespace: str, controller_name: str, load_window_seconds: float = 60.0,
-                 torch_threads: int = 2):
+                 torch_threads: int = 2, transport: str = "socket"):
         torch.set_num_threads(torch_threads)
         self.router_id = router_id
         self.model_dir = model_dir
@@ -37,7 +38,15 @@ class Router:
         self.host, self.port = host, port
         self.namespace, self.controller_name = namespace, controller_name
         self.load_window_seconds = load_window_seconds
+        self.transport_name = transport
         self.server = None
+
+    def _transport(self):
+        if self.transport_name == "socket":
+            import ray
+
+            return SocketTransport(ray.get_runtime_context().get_node_id())
+        return TRANSPORTS[self.transport_name]()
 
     def _actor(self, name: str):
         import ray
@@ -49,7 +58,8 @@ class Router:
 
     async def start(self) -> int:
         """Load the non-expert weights, start the engine and the gRPC server; returns the bound port."""
-        self.dispatcher = ClusterDispatcher(self.plan, RayCallTransport(), self._worker_handles(self.plan))
+        self.dispatcher = await asyncio.to_thread(ClusterDispatcher, self.plan, self._transport(),
+                                                  self._worker_handles(self.plan))
         engine = await asyncio.to_thread(load_engine, self.model_dir, self.engine_settings, self.dispatcher)
         spec = engine.spec
         engine.model.load = LoadWindow(spec.moe_layers, spec.moe.num_experts, self.load_window_seconds)
@@ -66,9 +76,9 @@ class Router:
         """Tokens per (MoE layer index, expert) in the window, [L][E]."""
         return self.engine.engine.model.load.totals().tolist()
 
-    def set_plan(self, plan: PlacementPlan) -> int:
+    async def set_plan(self, plan: PlacementPlan) -> int:
         """Switch to a new plan at the next step boundary; returns the version acknowledged."""
-        self.dispatcher.set_plan(plan, self._worker_handles(plan))
+        await asyncio.to_thread(self.dispatcher.set_plan, plan, self._worker_handles(plan))
         self.plan = plan
         return plan.version
 
