@@ -38,6 +38,8 @@ class ExpertWorker:
         E = self.checkpoint.spec.moe.num_experts
         self.tokens = {layer: torch.zeros(E, dtype=torch.long) for layer in self.checkpoint.spec.moe_layers}
         self._count_lock = threading.Lock()  # run() is called from Ray's thread and socket threads
+        self.compute_seconds = 0.0  # expert compute time, for the benchmarks' step breakdown
+        self.calls = 0
         self.server = ExpertServer(self.run, self._node_ip())
 
     @staticmethod
@@ -79,11 +81,24 @@ class ExpertWorker:
             weight: torch.Tensor) -> torch.Tensor:
         """Weighted expert outputs for the rows sent: hidden [T_w, H]; token, expert, weight [P_w] -> [T_w, H]."""
         d = self.device
+        started = time.perf_counter()
         out = self.group.run(layer, hidden.to(d), token.to(d), expert.to(d), weight.to(d))
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
         counts = torch.bincount(expert.cpu(), minlength=self.tokens[layer].numel())
         with self._count_lock:
             self.tokens[layer] += counts
+            self.compute_seconds += time.perf_counter() - started
+            self.calls += 1
         return out.cpu() if d.type != "cpu" else out
 
     def token_counts(self) -> dict[int, list[int]]:
         return {layer: t.tolist() for layer, t in self.tokens.items()}
+
+    def stats(self) -> dict:
+        """Cumulative counters: calls served and seconds of expert compute, plus peak memory."""
+        import resource
+
+        with self._count_lock:
+            return {"worker_id": self.worker_id, "calls": self.calls, "compute_seconds": self.compute_seconds,
+                    "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

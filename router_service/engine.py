@@ -198,8 +198,36 @@ class Engine:
     # --- engine thread ----------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        outputs = self._apply_aborts()
-        self.model.dispatcher.begin_step()
+        prof = self.model.profile
+        with prof("scheduling"):
+            outputs = self._apply_aborts()
+            self.model.dispatcher.begin_step()
+            chunks = self._schedule()
+        if not chunks:
+            return outputs
+        with prof("scheduling"):
+            token_ids = [t for seq, c in chunks for t in seq.token_ids[c.start : c.start + c.n]]
+            batch = ForwardBatch.build([c for _, c in chunks], token_ids, self.model.device)
+        logits = self.model.forward(batch, self.kv)  # [S, V]
+        self.steps += 1
+        prof.steps += prof.enabled
+        ready = []  # rows whose sequence has all its tokens cached: sample a next token
+        for row, (seq, c) in enumerate(chunks):
+            seq.num_cached += c.n
+            if seq.num_cached == len(seq.token_ids):
+                ready.append(row)
+        if ready:
+            seqs = [chunks[r][0] for r in ready]
+            with prof("sampling"):
+                tokens, logprobs = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+            with prof("detokenize"):
+                for i, seq in enumerate(seqs):
+                    outputs.append(self._append(seq, tokens[i], None if logprobs is None else logprobs[i]))
+        self._running = [s for s in self._running if s.slot is not None]
+        return outputs
+
+    def _schedule(self) -> list[tuple[_Sequence, SeqChunk]]:
+        """This step's chunks: running sequences first, then admissions while slots and budget allow."""
         budget = self.settings.max_batched_tokens
         chunks: list[tuple[_Sequence, SeqChunk]] = []
         for seq in self._running:
@@ -219,24 +247,7 @@ class Engine:
             n = min(seq.num_prompt, budget)
             chunks.append((seq, SeqChunk(seq.slot, 0, n)))
             budget -= n
-        if not chunks:
-            return outputs
-        token_ids = [t for seq, c in chunks for t in seq.token_ids[c.start : c.start + c.n]]
-        batch = ForwardBatch.build([c for _, c in chunks], token_ids, self.model.device)
-        logits = self.model.forward(batch, self.kv)  # [S, V]
-        self.steps += 1
-        ready = []  # rows whose sequence has all its tokens cached: sample a next token
-        for row, (seq, c) in enumerate(chunks):
-            seq.num_cached += c.n
-            if seq.num_cached == len(seq.token_ids):
-                ready.append(row)
-        if ready:
-            seqs = [chunks[r][0] for r in ready]
-            tokens, logprobs = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
-            for i, seq in enumerate(seqs):
-                outputs.append(self._append(seq, tokens[i], None if logprobs is None else logprobs[i]))
-        self._running = [s for s in self._running if s.slot is not None]
-        return outputs
+        return chunks
 
     def _append(self, seq: _Sequence, token: int, logprob: float | None) -> StepOutput:
         """Add a sampled token; decide whether the sequence ends; build its output."""

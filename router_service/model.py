@@ -25,6 +25,7 @@ from expert_workers.experts import swiglu
 from expert_workers.spec import ModelSpec
 from router_service.dispatch import ExpertDispatcher
 from router_service.kv_cache import KVCache
+from router_service.profiling import StepProfile
 from router_service.telemetry import LoadWindow
 
 
@@ -118,6 +119,7 @@ class CausalLM:
         self.lm_head = lm_head  # [V, H]
         self.dispatcher = dispatcher
         self.load: LoadWindow | None = None  # routing telemetry, when the router keeps it
+        self.profile = StepProfile()  # where step time goes, when enabled (benchmarks)
         self.dtype = embed.dtype
         self.device = embed.device
         D = spec.head_dim
@@ -184,14 +186,20 @@ class CausalLM:
         """Logits of each sequence's last token: [S, V] in fp32."""
         x = self.embed[batch.token_ids]  # [T, H]
         cos, sin = self.cos[batch.positions, None, :], self.sin[batch.positions, None, :]  # [T, 1, D]
-        eps = self.spec.rms_norm_eps
+        eps, prof = self.spec.rms_norm_eps, self.profile
         for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.input_norm, eps)
-            x = x + self._attention(i, lw, h, cos, sin, batch, kv)
-            h = rms_norm(x, lw.post_norm, eps)
-            x = x + (self._moe(i, lw, h) if lw.router is not None else swiglu(h, lw.mlp_gate_up, lw.mlp_down))
-        last = rms_norm(x[batch.last_index], self.norm, eps)  # [S, H]
-        return F.linear(last, self.lm_head).float()  # [S, V]
+            with prof("attention"):
+                h = rms_norm(x, lw.input_norm, eps)
+                x = x + self._attention(i, lw, h, cos, sin, batch, kv)
+                h = rms_norm(x, lw.post_norm, eps)
+            if lw.router is not None:
+                x = x + self._moe(i, lw, h)
+            else:
+                with prof("dense_mlp"):
+                    x = x + swiglu(h, lw.mlp_gate_up, lw.mlp_down)
+        with prof("lm_head"):
+            last = rms_norm(x[batch.last_index], self.norm, eps)  # [S, H]
+            return F.linear(last, self.lm_head).float()  # [S, V]
 
     def _attention(self, layer: int, lw: LayerWeights, h: torch.Tensor, cos, sin, batch: ForwardBatch,
                    kv: KVCache) -> torch.Tensor:
@@ -236,15 +244,20 @@ class CausalLM:
         return ids, weights.to(h.dtype)
 
     def _moe(self, layer: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(lw, h)
-        if self.load is not None:
-            self.load.add(layer, ids.flatten())
-        pending = self.dispatcher.dispatch(layer, h, ids, weights)
+        prof = self.profile
+        with prof("gate"):
+            ids, weights = self.route(lw, h)
+            if self.load is not None:
+                self.load.add(layer, ids.flatten())
+        with prof("routed"):
+            pending = self.dispatcher.dispatch(layer, h, ids, weights)
         # Shared experts run while routed tokens are away.
         out = None
-        if lw.shared_gate_up is not None:
-            out = swiglu(h, lw.shared_gate_up, lw.shared_down)  # [T, H]
-            if lw.shared_gate is not None:
-                out = out * torch.sigmoid(F.linear(h, lw.shared_gate))
-        routed = pending.wait()  # [T, H]
+        with prof("shared_experts"):
+            if lw.shared_gate_up is not None:
+                out = swiglu(h, lw.shared_gate_up, lw.shared_down)  # [T, H]
+                if lw.shared_gate is not None:
+                    out = out * torch.sigmoid(F.linear(h, lw.shared_gate))
+        with prof("routed"):
+            routed = pending.wait()  # [T, H]
         return routed if out is None else routed + out
