@@ -7,6 +7,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -19,43 +21,85 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return F.linear(F.silu(gate) * up, down)  # [T, H]
 
 
+@dataclass(frozen=True)
+class LayerExperts:
+    """One layer's hosted replicas, stacked. Immutable: a change builds a new one and swaps it in."""
+
+    gate_up: torch.Tensor  # [n, 2I, H]
+    down: torch.Tensor  # [n, H, I]
+    slot: torch.Tensor  # [E] long: row of each logical expert, -1 where not hosted
+
+    @property
+    def experts(self) -> list[int]:
+        return (self.slot >= 0).nonzero().flatten().tolist()
+
+
 class ExpertGroup:
     """Stacked weights of a set of hosted (layer, expert) replicas, run batched per expert.
 
-    Per layer the hosted experts sit in one [n, 2I, H] and one [n, H, I] tensor;
-    `slot` maps a logical expert id to its row there.
+    Threads: `run` may be called from several threads while `load`/`unload`
+    change the hosted set on another; each layer is one immutable LayerExperts
+    read once per call and replaced by a single dict assignment, so a call sees
+    either the old or the new set, never a mix.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu"):
+        self.num_experts = num_experts
         self.device = torch.device(device)
-        self.gate_up: dict[int, torch.Tensor] = {}  # layer -> [n, 2I, H]
-        self.down: dict[int, torch.Tensor] = {}  # layer -> [n, H, I]
-        self.slot: dict[int, torch.Tensor] = {}  # layer -> [E] long, -1 where not hosted
+        self.layers: dict[int, LayerExperts] = {}
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype,
              device: torch.device | str = "cpu") -> "ExpertGroup":
         """Read only the hosted experts' tensors. `hosted` maps layer -> expert ids."""
-        group = cls(device)
-        for layer, experts in hosted.items():
-            gate_up, down = checkpoint.read_experts(layer, sorted(experts), dtype)
-            group.add(layer, sorted(experts), gate_up, down, checkpoint.spec.moe.num_experts)
+        moe = checkpoint.spec.moe
+        group = cls(moe.num_experts if moe else 0, device)
+        group.add(checkpoint, hosted, dtype)
         return group
 
-    def add(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
-            num_experts: int) -> None:
-        self.gate_up[layer] = gate_up.to(self.device).contiguous()
-        self.down[layer] = down.to(self.device).contiguous()
-        slot = torch.full((num_experts,), -1, dtype=torch.long)
+    def add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype) -> int:
+        """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile."""
+        read = 0
+        for layer, experts in hosted.items():
+            current = self.layers.get(layer)
+            new = sorted(set(experts) - set(current.experts if current else []))
+            if not new:
+                continue
+            gate_up, down = checkpoint.read_experts(layer, new, dtype)
+            read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+            keep = current.experts if current else []
+            if current is not None:
+                rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
+                gate_up = torch.cat([current.gate_up[rows].cpu(), gate_up])
+                down = torch.cat([current.down[rows].cpu(), down])
+            self._set(layer, keep + new, gate_up, down)
+        return read
+
+    def remove(self, hosted: dict[int, list[int]]) -> None:
+        """Unload replicas (after every router stopped sending them tokens)."""
+        for layer, experts in hosted.items():
+            current = self.layers.get(layer)
+            if current is None:
+                continue
+            keep = [e for e in current.experts if e not in set(experts)]
+            if not keep:
+                del self.layers[layer]
+                continue
+            rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
+            self._set(layer, keep, current.gate_up[rows], current.down[rows])
+
+    def _set(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
-        self.slot[layer] = slot.to(self.device)
+        self.layers[layer] = LayerExperts(gate_up.to(self.device).contiguous(), down.to(self.device).contiguous(),
+                                          slot.to(self.device))
 
     def hosted(self) -> dict[int, list[int]]:
-        return {l: (s >= 0).nonzero().flatten().tolist() for l, s in self.slot.items()}
+        return {layer: le.experts for layer, le in self.layers.items()}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.gate_up, self.down) for t in d.values())
+        return sum(t.numel() * t.element_size() for le in self.layers.values() for t in (le.gate_up, le.down))
 
     def run(self, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
             weight: torch.Tensor) -> torch.Tensor:
@@ -68,19 +112,20 @@ class ExpertGroup:
         out = torch.zeros_like(hidden)  # [T, H]
         if token.numel() == 0:
             return out
-        rows = self.slot[layer][expert]  # [P] row in the stacked weights
+        le = self.layers.get(layer)  # read once: a concurrent load swaps in a new object
+        rows = le.slot[expert] if le is not None else torch.full_like(expert, -1)  # [P] row in the stacked weights
         if bool((rows < 0).any()):
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
         order = torch.argsort(rows, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(rows, minlength=self.gate_up[layer].shape[0]).tolist()
+        counts = torch.bincount(rows, minlength=le.gate_up.shape[0]).tolist()
         token, weight = token[order], weight[order]
         start = 0
         for r, n in enumerate(counts):
             if n == 0:
                 continue
             idx = token[start : start + n]  # [n_e]
-            y = swiglu(hidden[idx], self.gate_up[layer][r], self.down[layer][r])  # [n_e, H]
+            y = swiglu(hidden[idx], le.gate_up[r], le.down[r])  # [n_e, H]
             out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
             start += n
         return out

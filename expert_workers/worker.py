@@ -92,6 +92,17 @@ class ExpertWorker:
             self.calls += 1
         return out.cpu() if d.type != "cpu" else out
 
+    def load_replicas(self, hosted: dict[int, list[int]]) -> dict:
+        """Read more replicas from the checkpoint while serving continues; returns bytes and seconds."""
+        started = time.perf_counter()
+        read = self.group.add(self.checkpoint, hosted, self.dtype)
+        return {"bytes": read, "seconds": time.perf_counter() - started, "hosted": self.group.hosted()}
+
+    def unload_replicas(self, hosted: dict[int, list[int]]) -> dict:
+        """Drop replicas once no router sends them tokens (the controller's protocol guarantees it)."""
+        self.group.remove(hosted)
+        return {"hosted": self.group.hosted()}
+
     def token_counts(self) -> dict[int, list[int]]:
         return {layer: t.tolist() for layer, t in self.tokens.items()}
 

@@ -59,6 +59,10 @@ class AsyncEngine:
                 self.engine.abort(request.request_id)
                 self._wake.set()
 
+    def wake(self) -> None:
+        """Make the engine loop look for work (or a queued plan) now."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -71,6 +75,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopped:
             if not self.engine.has_work():
+                self.engine.idle()
                 self._wake.wait()
                 self._wake.clear()
                 continue

@@ -39,7 +39,7 @@ class ClusterDispatcher(ExpertDispatcher):
     def __init__(self, plan: PlacementPlan, transport: Transport, workers: dict[int, Any]):
         self.transport = transport
         self._lock = threading.Lock()
-        self._next: PlacementPlan | None = None  # guarded by _lock
+        self._next: tuple[PlacementPlan, threading.Event] | None = None  # guarded by _lock
         plan.validate()
         transport.connect(workers)
         self._apply(plan)
@@ -52,18 +52,27 @@ class ClusterDispatcher(ExpertDispatcher):
         self.transport.retain({w.worker_id for w in plan.workers})
         self._plan, self._table = plan, ReplicaTable.from_plan(plan)
 
-    def set_plan(self, plan: PlacementPlan, workers: dict[int, Any]) -> None:
-        """Connect to the plan's workers now; the plan takes effect at the next step boundary."""
+    def set_plan(self, plan: PlacementPlan, workers: dict[int, Any]) -> threading.Event:
+        """Connect to the plan's workers now; the plan takes effect at the next step boundary.
+
+        Returns an event set once the engine thread has switched: from then on no
+        token goes to a replica that only the old plan had.
+        """
         plan.validate()
         self.transport.connect(workers)
+        applied = threading.Event()
         with self._lock:
-            self._next = plan
+            superseded, self._next = self._next, (plan, applied)
+        if superseded is not None:
+            superseded[1].set()  # never adopted, but nothing will use it either
+        return applied
 
     def begin_step(self) -> None:
         with self._lock:
             pending, self._next = self._next, None
         if pending is not None:
-            self._apply(pending)
+            self._apply(pending[0])
+            pending[1].set()
 
     def close(self) -> None:
         self.transport.close()

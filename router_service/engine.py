@@ -284,6 +284,10 @@ class Engine:
             self._live_ids.discard(seq.request.request_id)
             self._aborts.discard(seq.request.request_id)
 
+    def idle(self) -> None:
+        """Called by the engine loop when there is no work: a queued plan switch needs no step."""
+        self.model.dispatcher.begin_step()
+
     def fail_running(self) -> list[str]:
         """After a failed step: drop every running sequence (their state is unknown); waiting ones stay."""
         failed = [s.request.request_id for s in self._running]

@@ -76,9 +76,12 @@ class Router:
         """Tokens per (MoE layer index, expert) in the window, [L][E]."""
         return self.engine.engine.model.load.totals().tolist()
 
-    async def set_plan(self, plan: PlacementPlan) -> int:
-        """Switch to a new plan at the next step boundary; returns the version acknowledged."""
-        await asyncio.to_thread(self.dispatcher.set_plan, plan, self._worker_handles(plan))
+    async def set_plan(self, plan: PlacementPlan, timeout: float = 60.0) -> int:
+        """Switch to a new plan at a step boundary; returns its version once switched (the acknowledgement)."""
+        applied = await asyncio.to_thread(self.dispatcher.set_plan, plan, self._worker_handles(plan))
+        self.engine.wake()
+        if not await asyncio.to_thread(applied.wait, timeout):
+            raise TimeoutError(f"router {self.router_id} did not switch to plan v{plan.version} in {timeout} s")
         self.plan = plan
         return plan.version
 

@@ -1,0 +1,88 @@
+"""Worker autoscaling: how many expert workers the routing load asks for.
+
+The decision is a pure function of the policy, the current worker count, the
+measured load and a small hysteresis state, with the clock passed in, so it is
+tested without Ray or sleeping. Load is routed (token, expert) pairs per second
+over all workers; per worker it is that divided by the worker count.
+
+    above high watermark for `sustain_seconds`  -> scale out to ceil(load / midpoint), at least +1
+    below low watermark for `sustain_seconds`   -> scale in to ceil(load / midpoint), at least -1
+    within `cooldown_seconds` of a change       -> hold
+
+where midpoint = (high + low) / 2: a new count lands between the watermarks,
+so one change does not trigger the opposite one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AutoscalingPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Scale the number of expert workers with routing load.")
+    min_workers: int = Field(1, ge=1, description="Never fewer workers than this.")
+    max_workers: int = Field(8, ge=1, description="Never more workers than this.")
+    high_watermark: float = Field(
+        2000.0, gt=0, description="Routed (token, expert) pairs per worker per second above which to scale out.")
+    low_watermark: float = Field(
+        200.0, ge=0, description="Routed pairs per worker per second below which to scale in.")
+    sustain_seconds: float = Field(10.0, ge=0, description="How long a watermark must stay crossed before acting.")
+    cooldown_seconds: float = Field(30.0, ge=0, description="Least time between two changes of the worker count.")
+    interval_seconds: float = Field(2.0, gt=0, description="How often the controller evaluates the policy.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingPolicy":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers})")
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError(
+                f"low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})")
+        return self
+
+
+@dataclass(frozen=True)
+class ScalingState:
+    """Hysteresis memory between evaluations (all times from the injected clock)."""
+
+    above_since: float | None = None
+    below_since: float | None = None
+    last_change: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    workers: int
+    state: ScalingState
+    reason: str  # "" when holding
+
+
+def desired_workers(policy: AutoscalingPolicy, workers: int, load_per_second: float, state: ScalingState,
+                    now: float) -> Decision:
+    per_worker = load_per_second / max(workers, 1)
+    above = per_worker > policy.high_watermark
+    below = per_worker < policy.low_watermark
+    state = replace(state, above_since=(state.above_since if state.above_since is not None else now) if above else None,
+                    below_since=(state.below_since if state.below_since is not None else now) if below else None)
+    clamp = lambda n: max(policy.min_workers, min(policy.max_workers, n))  # noqa: E731
+    if workers != clamp(workers):  # outside the bounds (e.g. the policy changed): fix at once
+        return Decision(clamp(workers), replace(state, last_change=now), "bounds")
+    if not policy.enabled:
+        return Decision(workers, state, "")
+    if state.last_change is not None and now - state.last_change < policy.cooldown_seconds:
+        return Decision(workers, state, "")
+    midpoint = (policy.high_watermark + policy.low_watermark) / 2
+    target = math.ceil(load_per_second / midpoint) if midpoint else workers
+    if above and now - state.above_since >= policy.sustain_seconds:
+        n = clamp(max(target, workers + 1))
+        if n != workers:
+            return Decision(n, ScalingState(last_change=now), f"scale-out: {per_worker:.0f} pairs/s per worker")
+    if below and now - state.below_since >= policy.sustain_seconds:
+        n = clamp(min(max(target, 1), workers - 1))
+        if n != workers:
+            return Decision(n, ScalingState(last_change=now), f"scale-in: {per_worker:.0f} pairs/s per worker")
+    return Decision(workers, state, "")
