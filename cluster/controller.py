@@ -2,75 +2,96 @@
 
 It builds the initial plan, starts expert workers (each asking Ray for the
 resources it means: a GPU where the cluster has them, a fraction of a CPU
-otherwise), then routers, and answers ClusterAdmin through the routers.
+otherwise) and routers, answers ClusterAdmin through the routers, and changes
+the plan live:
 
-Concurrency: a Ray async actor; every method runs on the actor's event loop,
-so plain attributes need no lock.
+    rebalance (versioned, never stalls decode):
+      1. plan v+1 from routing load (cluster.planner), new workers started first
+      2. workers load their added replicas in the background and report ready
+      3. every router switches to v+1 at a step boundary and acknowledges
+      4. only then workers unload removed replicas; drained workers stop
+    autoscale: every `interval_seconds` the policy (cluster.autoscaler) turns
+      routed load per worker into a worker count; a change is a rebalance.
+
+Concurrency: a Ray async actor; every method runs on the actor's event loop.
+`_plan_lock` serialises plan changes, so `plan` is only replaced under it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 
 import ray
 
-from cluster.planner import initial_plan
+from cluster.autoscaler import AutoscalingPolicy, ScalingState, desired_workers
+from cluster.planner import PlannerInput, balancedness, initial_plan, plan_change, worker_load
+from cluster.planner import plan as make_plan
 from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
 from expert_workers.spec import load_spec
 from expert_workers.worker import ExpertWorker
 from router_service.api import cluster_admin_pb2 as admin_pb2
-from router_service.placement import PlacementPlan
+from router_service.errors import InvalidRequest
+from router_service.metrics import ControllerMetrics
+from router_service.placement import PlacementPlan, WorkerPlacement, by_layer
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
-
-
-def balancedness(tokens_per_worker: list[float]) -> float:
-    """mean / max tokens per worker; 1.0 is perfect (and the value when there is no load)."""
-    peak = max(tokens_per_worker, default=0)
-    return 1.0 if peak == 0 else sum(tokens_per_worker) / len(tokens_per_worker) / peak
-
-
-def worker_tokens(plan: PlacementPlan, load: dict[tuple[int, int], int]) -> dict[int, float]:
-    """Tokens each worker ran, assuming an expert's tokens split evenly over its replicas (as dispatch does)."""
-    counts = plan.replica_count()
-    out = {w.worker_id: 0.0 for w in plan.workers}
-    for w in plan.workers:
-        for r in w.replicas:
-            out[w.worker_id] += load.get(r, 0) / counts[r]
-    return out
 
 
 class Controller:
     def __init__(self, settings: dict):
         self.settings = ClusterSettings(**settings)
         self.model_dir = self.settings.model
+        self.policy = self.settings.autoscaling
         self.plan: PlacementPlan | None = None
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self.worker_info: dict[int, dict] = {}
         self.routers: list[ray.actor.ActorHandle] = []
         self.ports: list[int] = []
+        self.events: list[dict] = []  # every plan change with its reason, for status and tests
+        self._plan_lock = asyncio.Lock()
+        self._scaling = ScalingState()
+        self._last_rebalance = 0.0
+        self._loop_task: asyncio.Task | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
 
     def _worker_gpus(self) -> float:
         if self.settings.worker_num_gpus is not None:
             return self.settings.worker_num_gpus
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
+    async def _start_workers(self, workers: list[WorkerPlacement]) -> None:
+        """Start worker actors hosting `workers`' replicas and wait until each has loaded them."""
+        s = self.settings
+        cls = ray.remote(ExpertWorker)
+        handles = {}
+        for w in workers:
+            # max_concurrency: reference-transport `run` calls keep flowing while `load_replicas` reads weights.
+            handles[w.worker_id] = cls.options(
+                name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
+                max_concurrency=4,
+            ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads)
+        infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
+                                       s.start_timeout_seconds)
+        self.workers.update(handles)
+        self.worker_info.update({i["worker_id"]: i for i in infos})
+
     async def start(self) -> list[int]:
         """Start workers then routers; returns the routers' gRPC ports."""
         s = self.settings
         spec = load_spec(self.model_dir)
+        self.spec = spec
+        self.dtype = str(s.engine.torch_dtype(spec.dtype, s.engine.torch_device())).removeprefix("torch.")
+        self.expert_bytes = spec.expert_bytes(4 if self.dtype == "float32" else 2)
+        logical = len(spec.logical_experts)
+        self.slots_per_worker = s.replica_slots_per_worker or math.ceil(logical * 1.25 / s.num_workers)
         self.plan = initial_plan(spec, s.num_workers)
-        worker_cls = ray.remote(ExpertWorker)
-        dtype = str(s.engine.torch_dtype(spec.dtype, s.engine.torch_device())).removeprefix("torch.")
-        for w in self.plan.workers:
-            self.workers[w.worker_id] = worker_cls.options(
-                name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
-            ).remote(w.worker_id, self.model_dir, w.hosted(), dtype, s.torch_threads)
-        infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in self.workers.values()]),
-                                       s.start_timeout_seconds)
-        self.worker_info = {i["worker_id"]: i for i in infos}
+        self.metrics = ControllerMetrics()
+        await self._start_workers(list(self.plan.workers))
         router_cls = ray.remote(Router)
         for r in range(s.num_routers):
             port = s.port + r if s.port else 0
@@ -80,8 +101,101 @@ class Controller:
                 s.load_window_seconds, s.router_torch_threads, s.transport))
         self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
                                             s.start_timeout_seconds)
+        self.metrics.plan(self.plan)
+        self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
         log.info("cluster up: %d workers, routers on ports %s", len(self.workers), self.ports)
         return self.ports
+
+    # --- load --------------------------------------------------------------------------------
+
+    async def load(self, seconds: float | None = None) -> dict[tuple[int, int], int]:
+        """Tokens per logical expert over the window (or its last `seconds`), summed over routers."""
+        totals = await asyncio.gather(*[r.expert_load.remote(seconds) for r in self.routers])
+        out: dict[tuple[int, int], int] = {}
+        for per_router in totals:
+            for li, layer in enumerate(self.plan.moe_layers):
+                for e, n in enumerate(per_router[li]):
+                    out[(layer, e)] = out.get((layer, e), 0) + n
+        return out
+
+    # --- plan changes ------------------------------------------------------------------------
+
+    async def rebalance(self, reason: str, num_workers: int | None = None) -> dict:
+        """Plan v+1 from the current load (and worker count) and roll it out; returns the change record."""
+        async with self._plan_lock:
+            old = self.plan
+            load = await self.load()
+            target = num_workers or len(old.workers)
+            drain = frozenset(w.worker_id for w in old.workers[target:]) if target < len(old.workers) else frozenset()
+            new = make_plan(self.settings.placement_policy, PlannerInput(
+                load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
+                    len(self.spec.logical_experts) / target)),
+                expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
+                drain=drain))
+            record = {"reason": reason, "old_version": old.version, "new_version": new.version,
+                      "balancedness_before": balancedness(old, load), "balancedness_after": balancedness(new, load),
+                      "bytes_moved": 0, "workers_before": len(old.workers), "workers_after": len(new.workers),
+                      "seconds": 0.0}
+            if new is old:
+                return record
+            started = time.perf_counter()
+            change = plan_change(old, new, self.expert_bytes)
+            record["bytes_moved"] = change.bytes_moved
+            # 1-2. new workers start with their replicas; existing ones load additions; serving continues.
+            fresh = [w for w in new.workers if w.worker_id not in self.workers]
+            await self._start_workers(fresh)
+            await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
+                                   for wid, added in change.added.items() if wid not in {w.worker_id for w in fresh}])
+            # 3. every router switches at a step boundary and acknowledges.
+            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            self.plan = new
+            # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
+            leaving = [wid for wid in self.workers if wid not in {w.worker_id for w in new.workers}]
+            await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
+                                   for wid, removed in change.removed.items() if wid not in leaving])
+            for wid in leaving:
+                ray.kill(self.workers.pop(wid))
+                self.worker_info.pop(wid, None)
+            record["seconds"] = time.perf_counter() - started
+            self.events.append(record)
+            self._last_rebalance = time.monotonic()
+            self.metrics.plan(new)
+            self.metrics.rebalanced(reason.split(":")[0])
+            log.info("plan v%d -> v%d (%s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in %.2f s",
+                     old.version, new.version, reason, len(old.workers), len(new.workers),
+                     record["balancedness_before"], record["balancedness_after"], record["bytes_moved"],
+                     record["seconds"])
+            return record
+
+    async def _control_loop(self) -> None:
+        """Autoscaling and automatic rebalancing, evaluated every policy interval."""
+        while True:
+            await asyncio.sleep(self.policy.interval_seconds)
+            try:
+                await self._evaluate()
+            except Exception:  # a failed evaluation must not stop the next one
+                log.exception("control loop evaluation failed")
+
+    async def _evaluate(self) -> None:
+        s, policy = self.settings, self.policy
+        rate_window = max(policy.interval_seconds, policy.sustain_seconds, 1.0)
+        recent = await self.load(rate_window)
+        rate = sum(recent.values()) / rate_window  # routed (token, expert) pairs per second
+        min_workers = max(policy.min_workers, math.ceil(len(self.spec.logical_experts) / self.slots_per_worker))
+        bounded = policy.model_copy(update={"min_workers": min(min_workers, policy.max_workers)})
+        decision = desired_workers(bounded, len(self.plan.workers), rate, self._scaling, time.monotonic())
+        self._scaling = decision.state
+        window = await self.load()
+        self.metrics.load(balancedness(self.plan, window),
+                          {str(w): t / s.load_window_seconds for w, t in worker_load(self.plan, window).items()})
+        if decision.workers != len(self.plan.workers):
+            await self.rebalance(decision.reason or "bounds", decision.workers)
+            return
+        threshold = s.rebalance_below_balancedness
+        if (threshold and sum(window.values()) >= s.rebalance_min_tokens
+                and time.monotonic() - self._last_rebalance >= policy.cooldown_seconds
+                and balancedness(self.plan, window) < threshold):
+            await self.rebalance(f"auto: balancedness below {threshold}")
 
     # --- ClusterAdmin --------------------------------------------------------------------------
 
@@ -94,38 +208,62 @@ class Controller:
                             replicas=[admin_pb2.ExpertRef(layer=l, expert=e) for l, e in w.replicas])
         return msg
 
-    async def load(self) -> dict[tuple[int, int], int]:
-        """Tokens per logical expert over the window, summed over routers."""
-        totals = await asyncio.gather(*[r.expert_load.remote() for r in self.routers])
-        out: dict[tuple[int, int], int] = {}
-        for per_router in totals:
-            for li, layer in enumerate(self.plan.moe_layers):
-                for e, n in enumerate(per_router[li]):
-                    out[(layer, e)] = out.get((layer, e), 0) + n
-        return out
-
     async def expert_load(self) -> admin_pb2.ExpertLoad:
         load = await self.load()
         counts = self.plan.replica_count()
-        per_worker = worker_tokens(self.plan, load)
         msg = admin_pb2.ExpertLoad(window_seconds=self.settings.load_window_seconds, plan_version=self.plan.version,
-                                   balancedness=balancedness(list(per_worker.values())))
+                                   balancedness=balancedness(self.plan, load))
         for (layer, expert), tokens in sorted(load.items()):
             msg.experts.add(layer=layer, expert=expert, tokens=tokens, replicas=counts.get((layer, expert), 0))
-        for wid, tokens in per_worker.items():
+        for wid, tokens in worker_load(self.plan, load).items():
             msg.workers.add(worker_id=str(wid), tokens=round(tokens))
         return msg
 
-    async def placement_message(self) -> bytes:
-        return self.placement().SerializeToString()
+    def _policy_message(self) -> admin_pb2.AutoscalingPolicy:
+        p = self.policy
+        return admin_pb2.AutoscalingPolicy(
+            min_workers=p.min_workers, max_workers=p.max_workers, high_watermark_tokens_per_worker_per_second=p.high_watermark,
+            low_watermark_tokens_per_worker_per_second=p.low_watermark, cooldown_seconds=p.cooldown_seconds,
+            enabled=p.enabled)
 
-    async def expert_load_message(self) -> bytes:
-        return (await self.expert_load()).SerializeToString()
+    async def admin(self, method: str, payload: bytes) -> bytes:
+        """ClusterAdmin as (method, serialized request) -> serialized response."""
+        if method == "GetPlacement":
+            return self.placement().SerializeToString()
+        if method == "GetExpertLoad":
+            return (await self.expert_load()).SerializeToString()
+        if method == "Rebalance":
+            request = admin_pb2.RebalanceRequest.FromString(payload)
+            r = await self.rebalance(f"manual: {request.reason}" if request.reason else "manual")
+            return admin_pb2.RebalanceResponse(
+                old_plan_version=r["old_version"], new_plan_version=r["new_version"],
+                balancedness_before=r["balancedness_before"], balancedness_after=r["balancedness_after"],
+                bytes_moved=r["bytes_moved"]).SerializeToString()
+        if method == "GetAutoscalingPolicy":
+            return self._policy_message().SerializeToString()
+        if method == "SetAutoscalingPolicy":
+            m = admin_pb2.AutoscalingPolicy.FromString(payload)
+            try:
+                self.policy = self.policy.model_copy(update=AutoscalingPolicy(
+                    **{**self.policy.model_dump(), "enabled": m.enabled, "min_workers": m.min_workers,
+                       "max_workers": m.max_workers, "high_watermark": m.high_watermark_tokens_per_worker_per_second,
+                       "low_watermark": m.low_watermark_tokens_per_worker_per_second,
+                       "cooldown_seconds": m.cooldown_seconds}).model_dump())
+            except ValueError as err:
+                raise InvalidRequest("policy", str(err).replace("\n", " ")) from None
+            log.info("autoscaling policy set: %s", self.policy)
+            return self._policy_message().SerializeToString()
+        raise InvalidRequest("method", f"unknown ClusterAdmin method {method!r}")
+
+    async def plan_events(self) -> list[dict]:
+        return list(self.events)
 
     async def router_stats(self) -> list[dict]:
         return await asyncio.gather(*[r.stats.remote() for r in self.routers])
 
     async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
         await asyncio.gather(*[r.stop.remote() for r in self.routers], return_exceptions=True)
         for handle in [*self.routers, *self.workers.values()]:
             ray.kill(handle)

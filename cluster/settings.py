@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cluster.autoscaler import AutoscalingPolicy
+from cluster.planner import DEFAULT_MIGRATION_WEIGHT, PLANNERS
 from router_service.engine import EngineSettings
 
 NAMESPACE = "moe-serve"  # Ray namespace of every named actor
@@ -39,6 +41,19 @@ class ClusterSettings(BaseSettings):
     router_torch_threads: int = Field(2, ge=1, description="torch threads in each router process.")
     load_window_seconds: float = Field(60.0, gt=0, description="Sliding window of routing-load telemetry.")
     start_timeout_seconds: float = Field(300.0, gt=0, description="How long actors may take to start and load.")
+    autoscaling: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy,
+                                           description="Worker autoscaling policy (off by default).")
+    placement_policy: Literal[tuple(PLANNERS)] = Field(  # type: ignore[valid-type]
+        "migration_aware", description="Replica planner: 'migration_aware' (ours) or 'eplb' (the published policy).")
+    migration_weight: float = Field(
+        DEFAULT_MIGRATION_WEIGHT, ge=0,
+        description="Balancedness that moving every logical expert's weights once is worth; 0 ignores movement.")
+    replica_slots_per_worker: int | None = Field(
+        None, ge=1, description="Replicas one worker's memory holds; default 1.25 x its share of logical experts.")
+    rebalance_below_balancedness: float | None = Field(
+        0.75, gt=0, le=1, description="Rebalance automatically when balancedness falls below this (None: only on request).")
+    rebalance_min_tokens: int = Field(
+        2000, ge=0, description="Least routed tokens in the window before an automatic rebalance (avoids noise).")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "ClusterSettings":

@@ -48,6 +48,9 @@ class EngineSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
+    routing_bias: dict[int, float] = Field(
+        default_factory=dict, description="Added to the gate logits of these expert ids in every MoE layer: "
+        "skews routing load for tests and demos of rebalancing (changes outputs; empty in production).")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -367,4 +370,6 @@ def load_engine(model_dir: str | Path, settings: EngineSettings | None = None,
         hosted = {layer: list(range(spec.moe.num_experts)) for layer in spec.moe_layers}
         dispatcher = LocalDispatcher(ExpertGroup.load(checkpoint, hosted, dtype, device))
     model = CausalLM.load(checkpoint, dispatcher, dtype, device, max_model_len)
+    if settings.routing_bias:
+        model.set_routing_bias(settings.routing_bias)
     return Engine(model, Tokenizer.from_model_dir(model_dir), settings, max_model_len, slots)

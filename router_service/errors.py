@@ -6,7 +6,10 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses Ray process boundaries (controller -> router) intact
+        return type(self), (self.field, self.message)
 
 
 class QueueFull(RuntimeError):

@@ -120,6 +120,7 @@ class CausalLM:
         self.dispatcher = dispatcher
         self.load: LoadWindow | None = None  # routing telemetry, when the router keeps it
         self.profile = StepProfile()  # where step time goes, when enabled (benchmarks)
+        self.routing_bias: torch.Tensor | None = None  # [E] added to gate logits (skewed-load demos)
         self.dtype = embed.dtype
         self.device = embed.device
         D = spec.head_dim
@@ -232,10 +233,22 @@ class CausalLM:
             out[row : row + c.n] = o[0].transpose(0, 1)
         return F.linear(out.view(T, Q * D), lw.o)  # [T, H]
 
+    def set_routing_bias(self, bias: dict[int, float]) -> None:
+        E = self.spec.moe.num_experts
+        bad = [e for e in bias if not 0 <= e < E]
+        if bad:
+            raise ValueError(f"routing_bias names experts {bad} outside 0..{E - 1}")
+        self.routing_bias = torch.zeros(E, device=self.device)
+        for e, b in bias.items():
+            self.routing_bias[e] = b
+
     def route(self, lw: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate: top-k experts per token and their weights, [T, K] each."""
         moe = self.spec.moe
-        scores = F.linear(h.float(), lw.router).softmax(dim=-1)  # [T, E], fp32 as the references do
+        logits = F.linear(h.float(), lw.router)  # [T, E], fp32 as the references do
+        if self.routing_bias is not None:
+            logits = logits + self.routing_bias
+        scores = logits.softmax(dim=-1)
         weights, ids = torch.topk(scores, moe.top_k, dim=-1)  # [T, K]
         if moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def by_layer(replicas) -> dict[int, list[int]]:
+    """(layer, expert) pairs -> {layer: [expert ids]}, the shape ExpertGroup loads and unloads."""
+    out: dict[int, list[int]] = {}
+    for layer, expert in replicas:
+        out.setdefault(layer, []).append(expert)
+    return out
+
+
 @dataclass(frozen=True)
 class WorkerPlacement:
     worker_id: int
@@ -24,11 +32,7 @@ class WorkerPlacement:
     replicas: tuple[tuple[int, int], ...]  # (layer, expert) pairs hosted
 
     def hosted(self) -> dict[int, list[int]]:
-        """layer -> expert ids, the shape ExpertGroup.load takes."""
-        out: dict[int, list[int]] = {}
-        for layer, expert in self.replicas:
-            out.setdefault(layer, []).append(expert)
-        return out
+        return by_layer(self.replicas)
 
 
 @dataclass(frozen=True)

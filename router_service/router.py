@@ -16,8 +16,9 @@ import torch
 from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
+from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementPlan
-from router_service.server import AdminBackend, start_server
+from router_service.server import start_server
 from router_service.telemetry import LoadWindow
 from router_service.transports import TRANSPORTS, SocketTransport
 
@@ -65,16 +66,28 @@ class Router:
         engine.model.load = LoadWindow(spec.moe_layers, spec.moe.num_experts, self.load_window_seconds)
         self.engine = AsyncEngine(engine, asyncio.get_running_loop())
         controller = self._actor(self.controller_name)
-        admin = AdminBackend(placement=lambda: controller.placement_message.remote(),
-                             expert_load=lambda: controller.expert_load_message.remote())
+
+        async def admin(method: str, payload: bytes) -> bytes:
+            return await controller.admin.remote(method, payload)
+        self.metrics = RouterMetrics(f"router-{self.router_id}")
         self.server, self.port, self.health = await start_server(
-            self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir)
+            self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir,
+            self.metrics)
+        self._exporter = asyncio.create_task(self._export_metrics())
         log.info("router %d serving on %s:%d", self.router_id, self.host, self.port)
         return self.port
 
-    def expert_load(self) -> list[list[int]]:
-        """Tokens per (MoE layer index, expert) in the window, [L][E]."""
-        return self.engine.engine.model.load.totals().tolist()
+    async def _export_metrics(self, every_seconds: float = 5.0) -> None:
+        while True:
+            try:
+                self.metrics.export(self.engine.engine)
+            except Exception:  # metrics must never take the router down
+                log.exception("metrics export failed")
+            await asyncio.sleep(every_seconds)
+
+    def expert_load(self, seconds: float | None = None) -> list[list[int]]:
+        """Tokens per (MoE layer index, expert) in the window (or its last `seconds`), [L][E]."""
+        return self.engine.engine.model.load.totals(seconds).tolist()
 
     async def set_plan(self, plan: PlacementPlan, timeout: float = 60.0) -> int:
         """Switch to a new plan at a step boundary; returns its version once switched (the acknowledgement)."""

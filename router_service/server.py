@@ -7,6 +7,7 @@ bad field, a full queue or a failed step the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -22,6 +23,7 @@ from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.async_engine import AsyncEngine, EngineStepError
 from router_service.engine import Request, StepOutput
 from router_service.errors import EngineStopped, InvalidRequest, QueueFull
+from router_service.metrics import RouterMetrics
 from router_service.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,17 +77,29 @@ def to_request(msg: pb2.GenerateRequest, tokenizer) -> Request:
 
 
 class _Timer:
-    """Arrival-relative timings of one request."""
+    """Arrival-relative timings of one request; feeds the latency histograms when metrics are on."""
 
-    def __init__(self):
+    def __init__(self, metrics: RouterMetrics | None):
+        self.metrics = metrics
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
+        self.last_token = 0.0
         self.queue = 0.0
 
     def saw(self, out: StepOutput) -> None:
-        if self.first_token is None and out.token_ids:
-            self.first_token = time.perf_counter() - self.arrival
+        if not out.token_ids:
+            return
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now - self.arrival
             self.queue = out.queue_seconds
+            if self.metrics:
+                self.metrics.first_token(self.first_token)
+        elif self.metrics:
+            self.metrics.inter_token(now - self.last_token)
+        self.last_token = now
+        if self.metrics:
+            self.metrics.tokens(len(out.token_ids))
 
     def message(self) -> pb2.Timings:
         return pb2.Timings(queue_seconds=self.queue, time_to_first_token_seconds=self.first_token or 0.0,
@@ -100,13 +114,14 @@ def _usage(out: StepOutput) -> pb2.Usage:
 
 
 class GenerationServicer(pb2_grpc.GenerationServicer):
-    def __init__(self, engine: AsyncEngine, model_name: str, model_path: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, model_path: str, metrics: RouterMetrics | None = None):
         self.engine = engine
         self.model_name, self.model_path = model_name, model_path
+        self.metrics = metrics
 
     async def Generate(self, request: pb2.GenerateRequest, context) -> pb2.GenerateResponse:
         req = to_request(request, self.engine.engine.tokenizer)
-        timer = _Timer()
+        timer = _Timer(self.metrics)
         response = pb2.GenerateResponse()
         async for out in self.engine.generate(req):
             timer.saw(out)
@@ -122,7 +137,7 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
 
     async def GenerateStream(self, request: pb2.GenerateRequest, context):
         req = to_request(request, self.engine.engine.tokenizer)
-        timer = _Timer()
+        timer = _Timer(self.metrics)
         async for out in self.engine.generate(req):
             timer.saw(out)
             msg = pb2.GenerateStreamResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text,
@@ -158,24 +173,33 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
         return info
 
 
-class ClusterAdminServicer(admin_grpc.ClusterAdminServicer):
-    """Forwards to the controller; `admin` is any object with the awaitable calls below."""
+# (method name, serialized request) -> serialized response; the controller's `admin` call in a cluster.
+AdminBackend = Callable[[str, bytes], Awaitable[bytes]]
 
-    def __init__(self, admin: "AdminBackend"):
+
+class ClusterAdminServicer(admin_grpc.ClusterAdminServicer):
+    """Every admin call is forwarded to the controller as serialized request -> serialized response."""
+
+    def __init__(self, admin: AdminBackend):
         self.admin = admin
 
-    async def GetPlacement(self, request, context) -> admin_pb2.Placement:
-        return admin_pb2.Placement.FromString(await self.admin.placement())
+    async def _forward(self, method: str, request, response_type):
+        return response_type.FromString(await self.admin(method, request.SerializeToString()))
 
-    async def GetExpertLoad(self, request, context) -> admin_pb2.ExpertLoad:
-        return admin_pb2.ExpertLoad.FromString(await self.admin.expert_load())
+    async def GetPlacement(self, request, context):
+        return await self._forward("GetPlacement", request, admin_pb2.Placement)
 
+    async def GetExpertLoad(self, request, context):
+        return await self._forward("GetExpertLoad", request, admin_pb2.ExpertLoad)
 
-class AdminBackend:
-    """What the admin servicer needs: serialized Placement and ExpertLoad messages."""
+    async def Rebalance(self, request, context):
+        return await self._forward("Rebalance", request, admin_pb2.RebalanceResponse)
 
-    def __init__(self, placement: Callable[[], Awaitable[bytes]], expert_load: Callable[[], Awaitable[bytes]]):
-        self.placement, self.expert_load = placement, expert_load
+    async def GetAutoscalingPolicy(self, request, context):
+        return await self._forward("GetAutoscalingPolicy", request, admin_pb2.AutoscalingPolicy)
+
+    async def SetAutoscalingPolicy(self, request, context):
+        return await self._forward("SetAutoscalingPolicy", request, admin_pb2.AutoscalingPolicy)
 
 
 # --- error mapping --------------------------------------------------------------------------
@@ -186,7 +210,17 @@ def status_of(err: BaseException) -> grpc.StatusCode | None:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Engine exceptions -> status codes with the exception's message; anything else is INTERNAL."""
+    """Engine exceptions -> status codes with the exception's message; anything else is INTERNAL.
+
+    It also counts every finished call by status code (requests_total), since it sees every outcome.
+    """
+
+    def __init__(self, metrics: RouterMetrics | None = None):
+        self.metrics = metrics
+
+    def _count(self, code: grpc.StatusCode) -> None:
+        if self.metrics:
+            self.metrics.request_done(code.name)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -198,22 +232,27 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, details.method))
         return handler
 
-    @staticmethod
-    async def _abort(context, err: Exception, method: str):
+    async def _abort(self, context, err: Exception, method: str):
         code = status_of(err)
         if code is None:
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
+        self._count(code)
         await context.abort(code, str(err))
 
     def _wrap_unary(self, fn, method):
         async def wrapped(request, context):
             try:
-                return await fn(request, context)
-            except (InvalidRequest, QueueFull, EngineStopped, EngineStepError, Exception) as err:
-                if isinstance(err, grpc.aio.AbortError):
-                    raise
+                response = await fn(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                self._count(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as err:
                 await self._abort(context, err, method)
+            self._count(grpc.StatusCode.OK)
+            return response
 
         return wrapped
 
@@ -222,10 +261,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for msg in fn(request, context):
                     yield msg
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                self._count(grpc.StatusCode.CANCELLED)
+                raise
             except Exception as err:
-                if isinstance(err, grpc.aio.AbortError):
-                    raise
                 await self._abort(context, err, method)
+                return
+            self._count(grpc.StatusCode.OK)
 
         return wrapped
 
@@ -234,11 +278,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: str, port: int, model_name: str,
-                       model_path: str) -> tuple[grpc.aio.Server, int, Any]:
+                       model_path: str, metrics: RouterMetrics | None = None) -> tuple[grpc.aio.Server, int, Any]:
     """Start a grpc.aio server with every service; returns (server, bound port, health servicer)."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(metrics)],
                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
-    pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, model_name, model_path), server)
+    pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, model_name, model_path, metrics), server)
     services = [pb2.DESCRIPTOR.services_by_name["Generation"].full_name]
     if admin is not None:
         admin_grpc.add_ClusterAdminServicer_to_server(ClusterAdminServicer(admin), server)

@@ -26,6 +26,7 @@ class LoadWindow:
         self.num_buckets = max(1, math.ceil(window_seconds))
         self.counts = torch.zeros(self.num_buckets, len(moe_layers), num_experts, dtype=torch.long)  # [B, L, E]
         self.stamps = [-1] * self.num_buckets  # whole second each bucket holds
+        self.total = torch.zeros(len(moe_layers), num_experts, dtype=torch.long)  # [L, E] since start
         self._lock = threading.Lock()  # the engine thread writes; gRPC/Ray threads read
 
     def _bucket(self) -> int:
@@ -41,10 +42,17 @@ class LoadWindow:
         counts = torch.bincount(expert.cpu(), minlength=self.num_experts)
         with self._lock:
             self.counts[self._bucket(), self.layer_index[layer]] += counts
+            self.total[self.layer_index[layer]] += counts
 
-    def totals(self) -> torch.Tensor:
-        """Tokens per (MoE layer, expert) in the window: [L, E]."""
-        now = int(self.clock())
+    def cumulative(self) -> torch.Tensor:
+        """Tokens per (MoE layer, expert) since start: [L, E] (monotonic, for counters)."""
         with self._lock:
-            live = [b for b, s in enumerate(self.stamps) if s >= 0 and now - s < self.window_seconds]
+            return self.total.clone()
+
+    def totals(self, seconds: float | None = None) -> torch.Tensor:
+        """Tokens per (MoE layer, expert) in the window, or in its last `seconds`: [L, E]."""
+        now = int(self.clock())
+        span = min(seconds or self.window_seconds, self.window_seconds)
+        with self._lock:
+            live = [b for b, s in enumerate(self.stamps) if s >= 0 and now - s < span]
             return self.counts[live].sum(dim=0) if live else torch.zeros_like(self.counts[0])

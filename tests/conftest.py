@@ -47,7 +47,7 @@ def tiny_model(moe_serve_cache) -> str:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session, in the cluster's namespace."""
-    ray = pytest.importorskip("ray")
+    import ray
     from cluster.settings import NAMESPACE
 
     if ray.is_initialized():  # e.g. a test module started its own; reuse it rather than fail
