@@ -1,8 +1,15 @@
-"""Client side of the CLI: stream a completion from a router, print cluster status."""
+"""Client side of the CLI: stream a completion from a router, print cluster status.
+
+Connection security (see router_service.security): `--tls-ca FILE` makes the channel TLS, verifying the
+server against that CA (`--tls-cert`/`--tls-key` add a client certificate for mutual TLS); `--token` or
+the MOE_SERVE_TOKEN environment variable sends `authorization: Bearer <token>` on every call.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import time
 
@@ -13,14 +20,37 @@ from router_service.api import cluster_admin_pb2 as admin_pb2
 from router_service.api import cluster_admin_pb2_grpc as admin_grpc
 from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
+from router_service.security import SecurityConfigError, client_channel
+
+TOKEN_ENV = "MOE_SERVE_TOKEN"
+TLS_CA_ENV = "MOE_SERVE_TLS_CA"
 
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb2.FinishReason.items()}
 
 
-def wait_until_serving(target: str, timeout: float = 60.0) -> None:
-    """Poll the standard health service until it says SERVING."""
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """--tls-ca/--tls-cert/--tls-key/--token for the sub-commands that talk to a router."""
+    g = p.add_argument_group("connection security")
+    g.add_argument("--tls-ca", metavar="FILE", default=None,
+                   help=f"PEM CA that signed the server's certificate: connect with TLS (env {TLS_CA_ENV})")
+    g.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for servers that require mutual TLS")
+    g.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    g.add_argument("--token", default=None,
+                   help=f"bearer token for servers that require one (default: env {TOKEN_ENV}; the flag is "
+                        "visible in the process list, the variable is not)")
+
+
+def open_channel(args) -> grpc.Channel:
+    """The channel `args` describe: target plus the connection-security flags (absent flags: plaintext, no token)."""
+    token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+    tls_ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
+    return client_channel(args.target, tls_ca, token, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+
+
+def wait_until_serving(target: str, timeout: float = 60.0, tls_ca: str | None = None) -> None:
+    """Poll the standard health service until it says SERVING (health needs no token)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with client_channel(target, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -53,7 +83,12 @@ def generate_remote(args) -> int:
     if not prompts:
         print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = open_channel(args)
+    except SecurityConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb2_grpc.GenerationStub(channel)
         for prompt in prompts:
             ids, text, logprobs, last = [], [], [], None
@@ -101,7 +136,12 @@ def _load_grid(load: admin_pb2.ExpertLoad) -> str:
 
 
 def print_status(args) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = open_channel(args)
+    except SecurityConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with channel:
         stub = admin_grpc.ClusterAdminStub(channel)
         try:
             placement = stub.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)

@@ -25,9 +25,10 @@ import math
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.autoscaler import AutoscalingPolicy, ScalingState, desired_workers
-from cluster.planner import PlannerInput, balancedness, initial_plan, plan_change, worker_load
+from cluster.planner import PlannerInput, balancedness, initial_plan, plan_change, worker_load, worker_name
 from cluster.planner import plan as make_plan
 from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
 from expert_workers.spec import load_spec
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, router_node_id: str | None = None):
         self.settings = ClusterSettings(**settings)
+        # Routers run where `moe-serve serve` runs (the head pod on KubeRay), which is where clients reach them.
+        self.router_node_id = router_node_id
         self.model_dir = self.settings.model
         self.policy = self.settings.autoscaling
         self.plan: PlacementPlan | None = None
@@ -74,7 +77,7 @@ class Controller:
             handles[w.worker_id] = cls.options(
                 name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
                 max_concurrency=4,
-            ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads)
+            ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads, s.data_plane_host)
         infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
                                        s.start_timeout_seconds)
         self.workers.update(handles)
@@ -95,8 +98,12 @@ class Controller:
         router_cls = ray.remote(Router)
         for r in range(s.num_routers):
             port = s.port + r if s.port else 0
-            self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE,
-                                                   num_cpus=s.router_num_cpus).remote(
+            # Ray restarts a killed router; the control loop then starts it again (see _check_routers).
+            placement = {}
+            if self.router_node_id:
+                placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.router_node_id, soft=False)
+            self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE, **placement,
+                                                   num_cpus=s.router_num_cpus, max_restarts=-1).remote(
                 r, self.model_dir, s.engine.model_dump(), self.plan, s.host, port, NAMESPACE, CONTROLLER_NAME,
                 s.load_window_seconds, s.router_torch_threads, s.transport))
         self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
@@ -167,11 +174,57 @@ class Controller:
                      record["seconds"])
             return record
 
+    async def worker_failed(self, worker_id: int) -> None:
+        """A router saw `worker_id` fail: replace it with a new worker hosting the same replicas.
+
+        Routers re-run the failed pairs on other replicas meanwhile, and wait for this plan
+        where the dead worker held the only replica."""
+        async with self._plan_lock:
+            old = self.plan
+            lost = next((w for w in old.workers if w.worker_id == worker_id), None)
+            if lost is None:  # already replaced (several routers report the same death)
+                return
+            started = time.perf_counter()
+            self.workers.pop(worker_id, None)
+            self.worker_info.pop(worker_id, None)
+            new_id = max([w.worker_id for w in old.workers] + list(self.workers)) + 1
+            replacement = WorkerPlacement(new_id, worker_name(new_id), lost.replicas)
+            await self._start_workers([replacement])
+            workers = tuple(replacement if w.worker_id == worker_id else w for w in old.workers)
+            new = PlacementPlan(old.version + 1, old.num_experts, old.moe_layers, workers)
+            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers], return_exceptions=True)
+            self.plan = new
+            record = {"reason": f"worker {worker_id} failed", "old_version": old.version, "new_version": new.version,
+                      "bytes_moved": len(lost.replicas) * self.expert_bytes, "workers_before": len(old.workers),
+                      "workers_after": len(new.workers), "seconds": time.perf_counter() - started}
+            self.events.append(record)
+            self.metrics.plan(new)
+            self.metrics.rebalanced("worker-failure")
+            log.warning("expert worker %d failed: replaced by %d with its %d replicas in %.2f s (plan v%d)",
+                        worker_id, new_id, len(lost.replicas), record["seconds"], new.version)
+
+    async def _check_fleet(self) -> None:
+        """Liveness: replace workers that died while idle; start routers that Ray restarted."""
+        for wid, handle in list(self.workers.items()):
+            try:
+                await asyncio.wait_for(handle.stats.remote(), 10)
+            except Exception:
+                await self.worker_failed(wid)
+        for i, router in enumerate(self.routers):
+            try:
+                stats = await asyncio.wait_for(router.stats.remote(), 10)
+            except Exception:  # restarting: try again next round
+                continue
+            if not stats["started"]:
+                log.warning("router-%d was restarted by Ray; starting it on port %d", i, self.ports[i])
+                await router.start.remote(self.plan, self.ports[i])
+
     async def _control_loop(self) -> None:
-        """Autoscaling and automatic rebalancing, evaluated every policy interval."""
+        """Fleet liveness, autoscaling and automatic rebalancing, evaluated every policy interval."""
         while True:
             await asyncio.sleep(self.policy.interval_seconds)
             try:
+                await self._check_fleet()
                 await self._evaluate()
             except Exception:  # a failed evaluation must not stop the next one
                 log.exception("control loop evaluation failed")
@@ -278,7 +331,7 @@ def start_cluster(settings: ClusterSettings) -> tuple[ray.actor.ActorHandle, lis
         settings = settings.model_copy(update={"model": str(default_model_dir())})
     controller = ray.remote(Controller).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=64,
-    ).remote(settings.model_dump())
+    ).remote(settings.model_dump(), ray.get_runtime_context().get_node_id())
     ports = ray.get(controller.start.remote())
     return controller, ports
 

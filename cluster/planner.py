@@ -362,12 +362,12 @@ def _forced(p: _Problem) -> np.ndarray:
 
 
 def _improve(p: _Problem, H: np.ndarray, k: float) -> np.ndarray:
-    """Greedy local search on J: apply the move that raises J most until none does (see _best_move).
+    """Greedy local search on J: apply the move that raises J most until none does (see _best_moves).
 
-    A layer whose busiest workers tie needs one move per tied worker before its max falls, and the
-    first move alone only costs bytes. So when stuck, try a short chain of moves chosen as if the tied
-    workers were already relieved, and keep it only if J rises; a layer whose chain fails is left alone
-    until some other move lands. J rises with every kept move, so the search ends.
+    When a layer's busiest workers (nearly) tie, relieving one of them gains (almost) nothing and costs
+    bytes, so no single move pays. Then try, layer by layer, a short chain of moves chosen as if the
+    layer's top m workers were already relieved, and keep it as soon as J rises; a layer whose chain
+    fails is left alone until some other move lands. J rises with every kept move, so the search ends.
     """
     H = H.copy()
     L, E, W = H.shape
@@ -375,32 +375,76 @@ def _improve(p: _Problem, H: np.ndarray, k: float) -> np.ndarray:
         return H
     cost = (~p.orig).astype(float)  # replicas moved by placing a replica here
     J = p.objective(H, k)
-    given_up = np.zeros(L, dtype=bool)  # layers whose tie no chain could break
+    given_up = np.zeros(L, dtype=bool)  # layers where no chain helps; a move that touches one re-arms it
     for _ in range(4 * H.size):  # a safety net only
-        if (move := _best_move(H, p.load, cost, p.slots, k)) is not None:
-            _apply(H, move[1])
-            J, given_up[:] = p.objective(H, k), False
+        if moves := _best_moves(H, p.load, cost, p.slots, k):
+            touched = _apply_batch(H, moves, p.slots)
+            J = p.objective(H, k)
+            given_up[touched] = False
             continue
-        wl = _worker_tokens(H, p.load)
-        tied = ((wl >= wl.max(1, keepdims=True) * (1 - 1e-12)).sum(1) > 1) & (wl.max(1) > 0) & ~given_up
-        if not tied.any():
-            break
-        trial, first = H.copy(), None
-        for _ in range(W - 1):
-            if (move := _best_move(trial, p.load, cost, p.slots, k, untie=tied)) is None:
-                break
-            first = move[0] if first is None else first
-            _apply(trial, move[1])
+        relieve, promise = _chain_targets(_worker_tokens(H, p.load), k)
+        for l in [l for l in np.argsort(-promise, kind="stable") if relieve[l].any() and not given_up[l]]:
+            trial, untie, touched = H.copy(), np.zeros_like(relieve), []
+            untie[l] = relieve[l]
+            for _ in range(2 * int(untie[l].sum())):
+                if not (move := _best_moves(trial, p.load, cost, p.slots, k, untie, only=l)):
+                    break
+                _apply(trial, move[0][2])
+                touched += [index[0] for index, _ in move[0][2]]
+                if p.objective(trial, k) > J + 1e-12:
+                    break
             if p.objective(trial, k) > J + 1e-12:
+                H, J = trial, p.objective(trial, k)
+                given_up[touched] = False
                 break
-        if first is not None and p.objective(trial, k) > J + 1e-12:
-            H, J, given_up[:] = trial, p.objective(trial, k), False
+            given_up[l] = True
         else:
-            given_up[tied if first is None else first] = True
+            break
     return H
 
 
+def _apply_batch(H: np.ndarray, moves: list, slots: int) -> list[int]:
+    """Apply the per-layer best moves, best first, skipping any that shares a layer with one already
+    applied or needs a slot an earlier one took. Moves in disjoint layers each raising J raise it
+    together too (balancedness is convex in the tokens taken off the max), so the batch is one
+    greedy step per layer at the cost of one search. Returns the layers touched."""
+    used = H.sum((0, 1))
+    touched: set[int] = set()
+    for _, _, changes in moves:
+        layers = {index[0] for index, _ in changes}
+        delta = np.zeros_like(used)
+        for index, value in changes:
+            delta[index[2]] += 1 if value else -1
+        if layers & touched or (used + delta > slots).any():
+            continue
+        _apply(H, changes)
+        used += delta
+        touched |= layers
+    return sorted(touched)
+
+
+def _chain_targets(wl: np.ndarray, k: float) -> np.ndarray:
+    """Per layer the top m >= 2 workers whose relief promises the most J net of m moves: ([L, W] mask, [L]
+    promise). Relieving the top m can at best bring the layer's max down to the (m+1)-th load or to the
+    mean, whichever is higher; a layer where no m promises a gain gets an empty row."""
+    L, W = wl.shape
+    S, Tm = wl.max(1).sum(), wl.mean(1).sum()
+    desc = -np.sort(-wl, 1)
+    out = np.zeros((L, W), dtype=bool)
+    if W < 3 or S == 0:
+        return out, np.zeros(L)
+    m = np.arange(2, W)  # [M]
+    floor = np.maximum(desc[:, 2:], wl.mean(1, keepdims=True))  # [L, M] best max after relieving m
+    promise = Tm / (S - (desc[:, :1] - floor)) - Tm / S - k * m
+    best = promise.argmax(1)
+    top = promise[np.arange(L), best]
+    for l in np.flatnonzero(top > 1e-12):
+        out[l, np.argsort(-wl[l], kind="stable")[: m[best[l]]]] = True
+    return out, top
+
+
 def _apply(H: np.ndarray, changes: list) -> None:
+    """changes: [(H index, new value)]; index[0] is the layer."""
     for index, value in changes:
         H[index] = value
 
@@ -412,8 +456,9 @@ def _max_without(M: np.ndarray) -> np.ndarray:
     return np.where(np.arange(M.shape[-1]) == M.argmax(-1)[..., None], second, top[..., -1:])
 
 
-def _best_move(H, load, cost, slots, k, untie=None):
-    """The move that raises J most, as (layer, [(H index, new value)]), or None when none raises J.
+def _best_moves(H, load, cost, slots, k, untie=None, only=None):
+    """Per layer (or in layer `only`), the move that raises J most: [(dJ, layer, [(H index, new value)])],
+    best first; layers where no move raises J are left out.
 
     Every move takes tokens off some layer's busiest worker h (only that can lower the layer's max):
       move    a replica of x from h to w
@@ -421,8 +466,8 @@ def _best_move(H, load, cost, slots, k, untie=None):
       remove  x's replica on h, when x has others
       swap    x on h with y of the same layer on w
     A move into a full worker first evicts the spare replica that costs least, from another layer, so
-    that the effects on the two layers add up exactly. In layers marked `untie`, workers tied with h
-    count as relieved: the gain is the one the rest of a chain of moves would realise.
+    that the effects on the two layers add up exactly. Workers marked in `untie` [L, W] count as
+    relieved: the gain is the one the rest of a chain of moves would realise (see _improve).
     """
     L, E, W = H.shape
     lay, wrk = np.arange(L), np.arange(W)
@@ -436,7 +481,7 @@ def _best_move(H, load, cost, slots, k, untie=None):
     relieved = np.zeros((L, W), dtype=bool)
     relieved[lay, h] = True  # each move states h's new load itself
     if untie is not None:
-        relieved |= untie[:, None] & (wl >= mx[:, None] * (1 - 1e-12))
+        relieved |= untie
     wl_o = np.where(relieved, 0.0, wl)  # loads are >= 0, so 0 leaves a worker out of a max
     rest = _max_without(wl_o)  # [L, W] busiest worker other than h (and the relieved) and w
     on_h = H[lay, :, h]  # [L, E]
@@ -456,6 +501,13 @@ def _best_move(H, load, cost, slots, k, untie=None):
     ev_ok = (ev_l != lay[:, None]) & np.isfinite(ev_score[ev_l, wrk])
     room_rise = np.where(full, np.where(ev_ok, rise[ev_l, ev_e[ev_l, wrk], wrk], np.inf), 0.0)  # [L, W]
     room_dm = np.where(full & ev_ok, -cost[ev_l, ev_e[ev_l, wrk], wrk], 0.0)
+
+    # From here on only the layers searched: the same names, indexed by position in `ls`.
+    ls = lay if only is None else np.array([only])
+    H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise, room_rise, room_dm = (
+        v[ls] for v in (H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise,
+                        room_rise, room_dm))
+    L, lay = len(ls), np.arange(len(ls))
 
     def dJ(after, dm, room=True):  # after: the layer's new max; dm: change in replicas moved
         g = mx.reshape((L,) + (1,) * (after.ndim - 1)) - after - (room_rise[:, None, :] if room else 0)
@@ -492,21 +544,29 @@ def _best_move(H, load, cost, slots, k, untie=None):
     g = mx[:, None, None] - after
     cand.append((np.where(ok, Tm / (S - g) - Tm / S - k * dm, -np.inf), "swap"))
 
-    dj, kind = max(cand, key=lambda t: t[0].max())
-    if not dj.max() > 1e-12:
-        return None
-    idx = np.unravel_index(dj.argmax(), dj.shape)
-    l = idx[0]
+    best = np.stack([dj.reshape(L, -1).max(1) for dj, _ in cand])  # [kinds, L]
+    out = []
+    for i in np.flatnonzero(best.max(0) > 1e-12):
+        dj, kind = cand[int(best[:, i].argmax())]
+        idx = (i,) + np.unravel_index(dj[i].argmax(), dj.shape[1:])
+        out.append((float(best[:, i].max()), int(ls[i]), _changes(kind, int(ls[i]), idx, h, xs, Ye, Yw, full, ev_l, ev_e)))
+    return sorted(out, key=lambda t: -t[0])
+
+
+def _changes(kind, l, idx, h, xs, Ye, Yw, full, ev_l, ev_e) -> list:
+    """The [(H index, new value)] of one move found by _best_moves: idx indexes the searched layers
+    (h, xs, Ye, Yw), l is the layer; ev_l, ev_e index all layers."""
+    i = idx[0]
     if kind == "remove":
-        return l, [((l, idx[1], h[l]), False)]
+        return [((l, idx[1], h[i]), False)]
     if kind == "swap":
-        x, y, w = xs[l, idx[1]], Ye[l, idx[2]], Yw[l, idx[2]]
-        return l, [((l, x, h[l]), False), ((l, x, w), True), ((l, y, w), False), ((l, y, h[l]), True)]
+        x, y, w = xs[i, idx[1]], Ye[i, idx[2]], Yw[i, idx[2]]
+        return [((l, x, h[i]), False), ((l, x, w), True), ((l, y, w), False), ((l, y, h[i]), True)]
     e, w = idx[1], idx[2]
-    changes = [((l, e, w), True)] + ([((l, e, h[l]), False)] if kind == "move" else [])
+    changes = [((l, e, w), True)] + ([((l, e, h[i]), False)] if kind == "move" else [])
     if full[w]:
         changes.append(((ev_l[l, w], ev_e[ev_l[l, w], w], w), False))
-    return l, changes
+    return changes
 
 
 # --- registry --------------------------------------------------------------------------------------

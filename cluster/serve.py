@@ -1,15 +1,25 @@
-"""`moe-serve serve`: start (or join) Ray, bring the cluster up, serve until SIGINT/SIGTERM."""
+"""`moe-serve serve`: start (or join) Ray, bring the cluster up, serve until SIGINT/SIGTERM, then drain.
+
+Shutdown is graceful: on the first SIGTERM or SIGINT every router stops admitting (new requests get
+UNAVAILABLE), reports NOT_SERVING on health, lets requests in flight finish for up to
+`drain_grace_seconds` (then cancels the rest: FINISH_REASON_CANCELLED), and the cluster stops; the
+process exits 0. A second signal skips what is left of the grace period.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import sys
 import threading
 
 from cluster.settings import NAMESPACE, ClusterSettings
+from router_service.security import SecurityConfigError, ServerSecurity
 
 log = logging.getLogger("moe-serve")
+
+STOP_TIMEOUT_SECONDS = 30.0  # beyond the grace period: the last responses go out, the servers stop
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
@@ -20,6 +30,26 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     return ClusterSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def drain_routers(settings: ClusterSettings) -> list[dict]:
+    """Drain every router at once (Router.stop); returns each one's summary (or its error)."""
+    import ray
+
+    calls = []
+    for r in range(settings.num_routers):
+        try:
+            calls.append(ray.get_actor(f"router-{r}", namespace=NAMESPACE).stop.remote(settings.drain_grace_seconds))
+        except ValueError:  # no such actor (it died): nothing to drain
+            log.warning("router-%d not found; not drained", r)
+    summaries = []
+    for call in calls:
+        try:
+            summaries.append(ray.get(call, timeout=settings.drain_grace_seconds + STOP_TIMEOUT_SECONDS))
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            log.warning("a router did not drain cleanly: %s", err)
+            summaries.append({"error": str(err)})
+    return summaries
+
+
 def serve(args: argparse.Namespace) -> int:
     import ray
 
@@ -27,26 +57,53 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from_args(args)
+    security = ServerSecurity.from_settings(settings)
+    try:
+        security.check()  # unreadable TLS or token files fail here, before Ray starts
+    except SecurityConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
     controller, ports = start_cluster(settings)
     targets = [f"{settings.host}:{p}" for p in ports]
-    print(f"moe-serve: {settings.num_workers} expert workers, routers serving gRPC on {', '.join(targets)}",
+    print(f"moe-serve: {settings.num_workers} expert workers, routers serving gRPC on {', '.join(targets)} "
+          f"({'TLS' if security.tls else 'plaintext'}, {'token' if security.auth else 'no'} authentication)",
           flush=True)
     if args.demo_prompt:
         from cluster.client import generate_remote
 
+        # The demo trusts the server's own certificate (right for a self-signed one) and sends the server's token.
         demo = argparse.Namespace(target=targets[0], prompt=[args.demo_prompt], prompt_ids=[], json=False,
                                   timeout=300.0, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                                   max_tokens=args.max_tokens, stop=[], stop_token_ids=[], ignore_eos=True,
-                                  logprobs=False)
+                                  logprobs=False, tls_ca=security.tls_cert_file, token=security.token())
         print(f"> {args.demo_prompt}", flush=True)
         generate_remote(demo)
     print("serving; Ctrl-C to stop", flush=True)
+
     stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():  # a second signal: stop waiting for requests in flight
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
-    print("moe-serve: stopping", flush=True)
-    stop_cluster(controller)
+    print(f"moe-serve: draining (up to {settings.drain_grace_seconds:g} s for requests in flight)", flush=True)
+    try:
+        for summary in drain_routers(settings):
+            print(f"moe-serve: router drained: {summary}", flush=True)
+        print("moe-serve: stopping", flush=True)
+        stop_cluster(controller)
+    except KeyboardInterrupt:
+        print("moe-serve: second signal, stopping now", flush=True)
+        try:
+            ray.kill(controller)  # its routers and workers go with it (Ray fate-sharing)
+        except Exception:
+            pass
+        ray.shutdown()
+        return 1
     ray.shutdown()
     return 0

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.autoscaler import AutoscalingPolicy
@@ -33,6 +33,9 @@ class ClusterSettings(BaseSettings):
     transport: Literal["socket", "ray"] = Field(
         "socket", description="Expert dispatch data plane: 'socket' (fast: raw tensors over Unix/TCP sockets) "
                               "or 'ray' (reference: one Ray actor call per worker per MoE layer).")
+    data_plane_host: str = Field(
+        "127.0.0.1", description="Address expert workers' TCP data plane binds: 'node' for the node's IP "
+        "(multi-node clusters: routers on other nodes connect there); same-node routers use Unix sockets.")
     worker_num_cpus: float = Field(0.25, gt=0, description="CPUs each expert worker asks Ray for.")
     worker_num_gpus: float | None = Field(
         None, ge=0, description="GPUs each expert worker asks Ray for; default 1 when the cluster has GPUs, else 0.")
@@ -54,6 +57,21 @@ class ClusterSettings(BaseSettings):
         0.75, gt=0, le=1, description="Rebalance automatically when balancedness falls below this (None: only on request).")
     rebalance_min_tokens: int = Field(
         2000, ge=0, description="Least routed tokens in the window before an automatic rebalance (avoids noise).")
+    # Security of the routers' gRPC servers (router_service.security). Files are read by each router, so they
+    # must exist at the same path on every node that runs one (a mounted Kubernetes Secret, say).
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate chain of the gRPC servers; with tls_key_file turns TLS on (else plaintext).")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token that Generation and ClusterAdmin calls must carry (health and reflection "
+                          "stay open); prefer auth_token_file. Unset with auth_token_file unset: no authentication.")
+    auth_token_file: str | None = Field(
+        None, description="File holding the bearer token (surrounding whitespace ignored), e.g. a mounted Secret.")
+    drain_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long in-flight requests may run to completion before they are "
+                                "cancelled (new requests are refused UNAVAILABLE, health says NOT_SERVING meanwhile).")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "ClusterSettings":

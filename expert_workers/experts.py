@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from expert_workers.checkpoint import Checkpoint
 
@@ -60,7 +61,7 @@ class ExpertGroup:
     def add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype) -> int:
         """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile."""
         read = 0
-        for layer, experts in hosted.items():
+        for layer, experts in tqdm(hosted.items(), desc="loading experts", unit="layer", delay=2.0):
             current = self.layers.get(layer)
             new = sorted(set(experts) - set(current.experts if current else []))
             if not new:
@@ -113,6 +114,8 @@ class ExpertGroup:
         if token.numel() == 0:
             return out
         le = self.layers.get(layer)  # read once: a concurrent load swaps in a new object
+        if le is not None and hidden.dtype != le.gate_up.dtype:  # compute in the weights' dtype
+            return self.run(layer, hidden.to(le.gate_up.dtype), token, expert, weight).to(hidden.dtype)
         rows = le.slot[expert] if le is not None else torch.full_like(expert, -1)  # [P] row in the stacked weights
         if bool((rows < 0).any()):
             missing = sorted(set(expert[rows < 0].tolist()))

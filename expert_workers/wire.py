@@ -35,6 +35,8 @@ class WireError(ConnectionError):
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    if t.numel() == 0:
+        return memoryview(b"")
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 

@@ -26,7 +26,7 @@ class ExpertWorker:
     """Actor body; `cluster` wraps it with `ray.remote(...)` and the resources it asks for."""
 
     def __init__(self, worker_id: int, model_dir: str, hosted: dict[int, list[int]], dtype: str,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, data_plane_host: str = "127.0.0.1"):
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.device = torch.device("cuda" if self._assigned_gpu() else "cpu")
@@ -40,16 +40,14 @@ class ExpertWorker:
         self._count_lock = threading.Lock()  # run() is called from Ray's thread and socket threads
         self.compute_seconds = 0.0  # expert compute time, for the benchmarks' step breakdown
         self.calls = 0
-        self.server = ExpertServer(self.run, self._node_ip())
+        # "node": this node's IP, so routers on other nodes reach it (multi-node clusters); else an address.
+        self.server = ExpertServer(self.run, self._node_ip() if data_plane_host == "node" else data_plane_host)
 
     @staticmethod
     def _node_ip() -> str:
-        try:
-            import ray
+        import ray
 
-            return ray.util.get_node_ip_address()
-        except Exception:
-            return "127.0.0.1"
+        return ray.util.get_node_ip_address()
 
     def endpoint(self) -> dict:
         """Where the fast data plane reaches this worker (SocketTransport)."""

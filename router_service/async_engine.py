@@ -5,6 +5,11 @@ reach request queues through `loop.call_soon_threadsafe`, so the queues and
 `_streams` belong to the event loop. `generate` is an async generator: when
 its consumer goes away (client cancel, deadline) the request is aborted and
 its KV slot is freed at the next step boundary.
+
+Draining (graceful shutdown, `server.drain`): `begin_drain` refuses new requests
+with EngineStopped (UNAVAILABLE) while those in flight continue; `wait_idle`
+waits for them; `cancel_all` aborts the rest, which end with finish reason
+"cancelled".
 """
 
 from __future__ import annotations
@@ -28,12 +33,18 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue] = {}  # event-loop only
         self._wake = threading.Event()
         self._stopped = False
+        self._draining = False  # event-loop only
+        self._idle = asyncio.Event()  # set while no request is in flight; event-loop only
+        self._idle.set()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     async def generate(self, request: Request) -> AsyncIterator[StepOutput]:
         if self._stopped:
             raise EngineStopped("the engine is shutting down")
+        if self._draining:
+            raise EngineStopped("the server is draining (shutting down) and accepts no new requests; "
+                                "retry on another router")
         request.request_id = request.request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         # add_request first: a refused request (e.g. a duplicate of an in-flight id) must leave the stream
@@ -41,6 +52,7 @@ class AsyncEngine:
         # callbacks on this loop, which cannot run before the next await.
         self.engine.add_request(request)
         self._streams[request.request_id] = queue
+        self._idle.clear()
         self._wake.set()
         finished = False
         try:
@@ -55,9 +67,41 @@ class AsyncEngine:
         finally:
             if self._streams.get(request.request_id) is queue:  # a reused id may own the entry by now
                 del self._streams[request.request_id]
+                if not self._streams:
+                    self._idle.set()
             if not finished:
                 self.engine.abort(request.request_id)
                 self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose stream is open: queued or running in the engine."""
+        return len(self._streams)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> int:
+        """Refuse new requests from now on; returns how many are in flight."""
+        self._draining = True
+        return len(self._streams)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no request is in flight; True if none is."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return not self._streams
+
+    def cancel_all(self) -> int:
+        """Abort every request in flight; each ends with finish reason "cancelled". Returns how many."""
+        ids = list(self._streams)
+        for request_id in ids:
+            self.engine.abort(request_id)
+        self._wake.set()
+        return len(ids)
 
     def wake(self) -> None:
         """Make the engine loop look for work (or a queued plan) now."""

@@ -15,8 +15,11 @@ Shape legend: T tokens, H hidden, P pairs, T_w / P_w those sent to worker w.
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -24,20 +27,45 @@ from router_service.dispatch import ExpertDispatcher, PendingExperts, to_pairs
 from router_service.placement import PlacementPlan, ReplicaTable
 from router_service.transports import Transport
 
+log = logging.getLogger(__name__)
+
+
+class RecoveryTimeout(RuntimeError):
+    """A logical expert lost its last replica and no replacement arrived in time."""
+
+
+@dataclass
+class _Message:
+    """One worker's share of one layer's pairs."""
+
+    worker: int
+    rows: torch.Tensor  # [T_w] rows of the layer's hidden states sent
+    local: torch.Tensor  # [P_w] index into rows of each pair's token
+    expert: torch.Tensor  # [P_w]
+    weight: torch.Tensor  # [P_w]
+    handle: Any = None  # transport handle, or the exception raised while sending
+
 
 class _PendingCluster(PendingExperts):
-    def __init__(self, transport: Transport, out: torch.Tensor, handles: list, rows: list[torch.Tensor]):
-        self.transport, self.out, self.handles, self.rows = transport, out, handles, rows
+    def __init__(self, dispatcher: "ClusterDispatcher", layer: int, hidden: torch.Tensor, messages: list[_Message]):
+        self.dispatcher, self.layer, self.hidden, self.messages = dispatcher, layer, hidden, messages
 
     def wait(self) -> torch.Tensor:
-        for rows, partial in zip(self.rows, self.transport.collect(self.handles)):
-            self.out.index_add_(0, rows, partial.to(self.out.dtype))
-        return self.out
+        out = torch.zeros_like(self.hidden)  # [T, H]
+        failed = self.dispatcher._gather(self.messages, out)
+        if failed:
+            self.dispatcher._recover(self.layer, self.hidden, failed, out)
+        return out
 
 
 class ClusterDispatcher(ExpertDispatcher):
-    def __init__(self, plan: PlacementPlan, transport: Transport, workers: dict[int, Any]):
+    def __init__(self, plan: PlacementPlan, transport: Transport, workers: dict[int, Any],
+                 on_worker_failure: Callable[[int], None] | None = None, recovery_timeout: float = 120.0):
         self.transport = transport
+        self.on_worker_failure = on_worker_failure  # tells the controller (fire and forget)
+        self.recovery_timeout = recovery_timeout
+        self.recoveries: list[dict] = []  # engine thread: each failover with its pairs and seconds
+        self._dead: set[int] = set()  # engine thread: workers seen failing; ids are never reused
         self._lock = threading.Lock()
         self._next: tuple[PlacementPlan, threading.Event] | None = None  # guarded by _lock
         plan.validate()
@@ -50,7 +78,7 @@ class ClusterDispatcher(ExpertDispatcher):
 
     def _apply(self, plan: PlacementPlan) -> None:
         self.transport.retain({w.worker_id for w in plan.workers})
-        self._plan, self._table = plan, ReplicaTable.from_plan(plan)
+        self._plan, self._table = plan, ReplicaTable.from_plan(plan, exclude=self._dead)
 
     def set_plan(self, plan: PlacementPlan, workers: dict[int, Any]) -> threading.Event:
         """Connect to the plan's workers now; the plan takes effect at the next step boundary.
@@ -80,11 +108,63 @@ class ClusterDispatcher(ExpertDispatcher):
     def dispatch(self, layer, hidden, topk_ids, topk_weights) -> PendingExperts:
         token, expert, weight = to_pairs(topk_ids, topk_weights)  # [P]
         worker = self._table.assign(layer, expert)  # [P]
-        handles, rows = [], []
+        return _PendingCluster(self, layer, hidden, self._send(layer, hidden, token, expert, weight, worker))
+
+    def _send(self, layer, hidden, token, expert, weight, worker) -> list[_Message]:
+        messages = []
         for w in torch.unique(worker).tolist():  # one message per worker that has tokens
             sel = worker == w
-            w_token = token[sel]
-            uniq, local = torch.unique(w_token, return_inverse=True)  # rows this worker needs
-            handles.append(self.transport.submit(w, layer, hidden[uniq], local, expert[sel], weight[sel]))
-            rows.append(uniq)
-        return _PendingCluster(self.transport, torch.zeros_like(hidden), handles, rows)
+            rows, local = torch.unique(token[sel], return_inverse=True)  # rows this worker needs
+            m = _Message(w, rows, local, expert[sel], weight[sel])
+            try:
+                m.handle = self.transport.submit(w, layer, hidden[rows], local, m.expert, m.weight)
+            except Exception as err:  # a dead peer can fail the send already
+                m.handle = err
+            messages.append(m)
+        return messages
+
+    def _gather(self, messages: list[_Message], out: torch.Tensor) -> list[_Message]:
+        """Add every successful partial output into out [T, H]; return the messages that failed."""
+        results = self.transport.collect([m.handle for m in messages])
+        failed = []
+        for m, result in zip(messages, results):
+            if isinstance(result, BaseException):
+                failed.append(m)
+            else:
+                out.index_add_(0, m.rows, result.to(out.dtype))
+        return failed
+
+    def _recover(self, layer: int, hidden: torch.Tensor, failed: list[_Message], out: torch.Tensor) -> None:
+        """Re-run failed workers' pairs on other replicas, waiting for a replacement where none is left."""
+        started = time.monotonic()
+        deadline = started + self.recovery_timeout
+        dead = {m.worker for m in failed}
+        token = torch.cat([m.rows[m.local] for m in failed])  # [P_f] rows of hidden
+        expert = torch.cat([m.expert for m in failed])
+        weight = torch.cat([m.weight for m in failed])
+        waited = False
+        while True:
+            for w in dead - self._dead:
+                self._dead.add(w)
+                log.warning("expert worker %d failed; re-running %d pairs of layer %d elsewhere", w, len(token), layer)
+                if self.on_worker_failure is not None:
+                    self.on_worker_failure(w)
+            self.begin_step()  # adopt a plan with a replacement worker if the controller sent one
+            self._table = ReplicaTable.from_plan(self._plan, exclude=self._dead)
+            worker = self._table.assign(layer, expert)
+            if bool((worker >= 0).all()):
+                failed = self._gather(self._send(layer, hidden, token, expert, weight, worker), out)
+                if not failed:
+                    break
+                dead = {m.worker for m in failed}
+                token = torch.cat([m.rows[m.local] for m in failed])
+                expert, weight = torch.cat([m.expert for m in failed]), torch.cat([m.weight for m in failed])
+                continue
+            if time.monotonic() > deadline:
+                lost = sorted(set(expert[worker < 0].tolist()))
+                raise RecoveryTimeout(f"layer {layer}: experts {lost} have no live replica after "
+                                      f"{self.recovery_timeout:.0f} s")
+            waited = True
+            time.sleep(0.02)  # a replacement is loading; the controller pushes its plan
+        self.recoveries.append({"layer": layer, "pairs": len(expert), "waited_for_replacement": waited,
+                                "seconds": time.monotonic() - started})

@@ -71,20 +71,24 @@ class ReplicaTable:
     count: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
 
     @classmethod
-    def from_plan(cls, plan: PlacementPlan) -> "ReplicaTable":
+    def from_plan(cls, plan: PlacementPlan, exclude: set[int] = frozenset()) -> "ReplicaTable":
+        """Tables of the plan's replicas, leaving out workers in `exclude` (known dead)."""
         table = cls()
         for layer in plan.moe_layers:
-            lists = [plan.replicas_of(layer, e) for e in range(plan.num_experts)]
-            R = max(len(ws) for ws in lists)
-            table.workers[layer] = torch.tensor([(ws * R)[:R] for ws in lists], dtype=torch.long)
+            lists = [[w for w in plan.replicas_of(layer, e) if w not in exclude] for e in range(plan.num_experts)]
+            R = max(1, max(len(ws) for ws in lists))
+            table.workers[layer] = torch.tensor([(ws * R)[:R] if ws else [-1] * R for ws in lists], dtype=torch.long)
             table.count[layer] = torch.tensor([len(ws) for ws in lists], dtype=torch.long)
         return table
 
     def assign(self, layer: int, expert: torch.Tensor) -> torch.Tensor:
-        """Worker per (token, expert) pair [P]: an expert's pairs spread round-robin over its replicas."""
+        """Worker per (token, expert) pair [P]: an expert's pairs spread round-robin over its replicas.
+
+        -1 for an expert with no live replica."""
         counts = self.count[layer][expert]  # [P]
         if bool((counts == 1).all()):
             return self.workers[layer][expert, 0]
+        counts = counts.clamp(min=1)  # experts with none map to their row of -1
         # rank of each pair among the pairs of the same expert, then rank mod replicas
         order = torch.argsort(expert, stable=True)
         sorted_e = expert[order]

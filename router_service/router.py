@@ -18,7 +18,8 @@ from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementPlan
-from router_service.server import start_server
+from router_service.security import controller_security
+from router_service.server import drain, start_server
 from router_service.telemetry import LoadWindow
 from router_service.transports import TRANSPORTS, SocketTransport
 
@@ -57,22 +58,30 @@ class Router:
     def _worker_handles(self, plan: PlacementPlan) -> dict:
         return {w.worker_id: self._actor(w.name) for w in plan.workers}
 
-    async def start(self) -> int:
-        """Load the non-expert weights, start the engine and the gRPC server; returns the bound port."""
-        self.dispatcher = await asyncio.to_thread(ClusterDispatcher, self.plan, self._transport(),
-                                                  self._worker_handles(self.plan))
+    async def start(self, plan: PlacementPlan | None = None, port: int | None = None) -> int:
+        """Load the non-expert weights, start the engine and the gRPC server; returns the bound port.
+
+        After Ray restarted this actor, the controller calls it again with the current plan and the
+        port clients know, since the constructor's arguments are those of the first start."""
+        if plan is not None:
+            self.plan = plan
+        if port is not None:
+            self.port = port
+        controller = self._actor(self.controller_name)
+        self.dispatcher = await asyncio.to_thread(
+            ClusterDispatcher, self.plan, self._transport(), self._worker_handles(self.plan),
+            lambda worker_id: controller.worker_failed.remote(worker_id))
         engine = await asyncio.to_thread(load_engine, self.model_dir, self.engine_settings, self.dispatcher)
         spec = engine.spec
         engine.model.load = LoadWindow(spec.moe_layers, spec.moe.num_experts, self.load_window_seconds)
         self.engine = AsyncEngine(engine, asyncio.get_running_loop())
-        controller = self._actor(self.controller_name)
 
         async def admin(method: str, payload: bytes) -> bytes:
             return await controller.admin.remote(method, payload)
         self.metrics = RouterMetrics(f"router-{self.router_id}")
         self.server, self.port, self.health = await start_server(
             self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir,
-            self.metrics)
+            self.metrics, security=await controller.__ray_call__.remote(controller_security))
         self._exporter = asyncio.create_task(self._export_metrics())
         log.info("router %d serving on %s:%d", self.router_id, self.host, self.port)
         return self.port
@@ -99,12 +108,19 @@ class Router:
         return plan.version
 
     def stats(self) -> dict:
+        if self.server is None:
+            return {"router_id": self.router_id, "started": False}
         e = self.engine.engine
-        return {"router_id": self.router_id, "port": self.port, "running": e.num_running, "waiting": e.num_waiting,
-                "kv_slots_used": e.kv.used_slots, "kv_slots": e.kv.num_slots, "steps": e.steps}
+        return {"router_id": self.router_id, "started": True, "port": self.port, "running": e.num_running,
+                "waiting": e.num_waiting, "kv_slots_used": e.kv.used_slots, "kv_slots": e.kv.num_slots,
+                "steps": e.steps, "plan_version": self.dispatcher.plan.version,
+                "recoveries": list(self.dispatcher.recoveries)}
 
-    async def stop(self, grace_seconds: float = 5.0) -> None:
+    async def stop(self, grace_seconds: float = 5.0) -> dict | None:
+        """Drain (server.drain): refuse new requests, health NOT_SERVING, in-flight ones get `grace_seconds`
+        to finish, the rest are cancelled; then the server and engine stop. A second call waits for the first."""
         if self.server is not None:
-            self.engine.stop()
-            await self.server.stop(grace_seconds)
-            self.server = None
+            server, self.server = self.server, None
+            self._drain = asyncio.ensure_future(drain(server, self.engine, self.health, grace_seconds))
+        drained = getattr(self, "_drain", None)
+        return await asyncio.shield(drained) if drained is not None else None

@@ -72,7 +72,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 def _sample_one(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
     """logits [V] -> one token id, after temperature, top-k and top-p."""
-    scaled = logits / p.temperature
+    # Shift by the max first: for a tiny temperature the scaled logits would overflow to inf.
+    scaled = (logits - logits.max()) / p.temperature
     if 0 < p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

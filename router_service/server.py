@@ -2,7 +2,12 @@
 
 Servicers stay thin: message in, domain call, message out. One interceptor
 turns the engine's exceptions into status codes, so every handler reports a
-bad field, a full queue or a failed step the same way.
+bad field, a full queue or a failed step the same way; it also turns bytes that
+do not parse as the method's protobuf message into INVALID_ARGUMENT. Requests are
+only ever parsed as protobuf: nothing a network client sends is unpickled.
+
+Security (TLS, mutual TLS, bearer token: `router_service.security`) is wired in
+`start_server`; graceful shutdown is `drain`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from router_service.engine import Request, StepOutput
 from router_service.errors import EngineStopped, InvalidRequest, QueueFull
 from router_service.metrics import RouterMetrics
 from router_service.sampling import SamplingParams
+from router_service.security import BearerTokenInterceptor, ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +232,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_parse_or_malformed(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, details.method))
         if handler.unary_stream is not None:
@@ -243,6 +251,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, fn, method):
         async def wrapped(request, context):
             try:
+                _check_parsed(request)
                 response = await fn(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -259,6 +268,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, fn, method):
         async def wrapped(request, context):
             try:
+                _check_parsed(request)
                 async for msg in fn(request, context):
                     yield msg
             except grpc.aio.AbortError:
@@ -274,13 +284,50 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler turns it into INVALID_ARGUMENT.
+
+    grpc would otherwise answer a deserializer's exception with INTERNAL, blaming the server for the
+    client's bytes.
+    """
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _parse_or_malformed(deserialize):
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as err:  # DecodeError, or anything else a parser raises on hostile bytes
+            return _Malformed(err)
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidRequest("request", f"is not a valid protobuf message of the method's type "
+                                        f"({type(request.error).__name__}: {request.error or 'unparseable'})")
+
+
 # --- wiring -----------------------------------------------------------------------------------
 
 
 async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: str, port: int, model_name: str,
-                       model_path: str, metrics: RouterMetrics | None = None) -> tuple[grpc.aio.Server, int, Any]:
-    """Start a grpc.aio server with every service; returns (server, bound port, health servicer)."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(metrics)],
+                       model_path: str, metrics: RouterMetrics | None = None,
+                       security: ServerSecurity | None = None) -> tuple[grpc.aio.Server, int, Any]:
+    """Start a grpc.aio server with every service; returns (server, bound port, health servicer).
+
+    `security` (default: plaintext, no authentication) adds TLS on the port and the bearer-token check.
+    """
+    security = security or ServerSecurity()
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    token = security.token()
+    if token is not None:  # first: a refused call reaches no other interceptor and is never parsed
+        interceptors.append(BearerTokenInterceptor(token, metrics))
+    interceptors.append(ErrorMappingInterceptor(metrics))
+    server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, model_name, model_path, metrics), server)
     services = [pb2.DESCRIPTOR.services_by_name["Generation"].full_name]
@@ -291,13 +338,48 @@ async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: st
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(services, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = security.server_credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()
     for name in ["", *services[:2]]:
         await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC server on %s:%d (%s, %s)", host, bound,
+             ("mutual TLS" if security.tls_client_ca_file else "TLS") if credentials else "plaintext",
+             "bearer token required" if token is not None else "no authentication")
     return server, bound, health_servicer
+
+
+async def drain(server: grpc.aio.Server, engine: AsyncEngine, health_servicer, grace_seconds: float,
+                finish_seconds: float = 5.0) -> dict:
+    """Graceful shutdown: refuse new work, let in-flight requests finish, cancel the rest, stop.
+
+    1. New Generate/GenerateStream calls get UNAVAILABLE ("... draining ..."); health reports
+       NOT_SERVING for every service, so load balancers and probes stop sending traffic.
+    2. Requests in flight (running or queued) run to completion for up to `grace_seconds`.
+    3. Whatever is left is cancelled: those calls end normally with FINISH_REASON_CANCELLED and the
+       tokens generated so far.
+    4. The gRPC server stops (up to `finish_seconds` for the last responses to go out), then the engine.
+    Returns counts for logs: requests finished during the grace period and cancelled at its end.
+    """
+    started = time.monotonic()
+    in_flight = engine.begin_drain()
+    result = health_servicer.enter_graceful_shutdown()
+    if hasattr(result, "__await__"):
+        await result
+    log.info("draining: %d requests in flight, grace %.1f s", in_flight, grace_seconds)
+    await engine.wait_idle(grace_seconds)
+    cancelled = engine.cancel_all()
+    if cancelled:
+        log.info("drain grace over: cancelling %d requests", cancelled)
+        await engine.wait_idle(finish_seconds)
+    await server.stop(finish_seconds)
+    engine.stop()
+    summary = {"in_flight": in_flight, "cancelled": cancelled, "seconds": time.monotonic() - started}
+    log.info("drained: %s", summary)
+    return summary
 
 
 async def _set_health(servicer, service: str, status) -> None:

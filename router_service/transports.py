@@ -38,8 +38,9 @@ class Transport(ABC):
         """Start one call; returns a handle for `collect`. hidden [T_w, H]; token, expert, weight [P_w]."""
 
     @abstractmethod
-    def collect(self, handles: list[Any]) -> list[torch.Tensor]:
-        """Wait for the calls; outputs [T_w, H] in the same order."""
+    def collect(self, handles: list[Any]) -> list[torch.Tensor | BaseException]:
+        """Wait for the calls; outputs [T_w, H] in the same order, or the exception of a failed call
+        (a handle that is already an exception, from a failed submit, is passed through)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -64,12 +65,19 @@ class RayCallTransport(Transport):
     def collect(self, handles):
         import ray
 
-        return ray.get(handles)
+        results = []
+        for h in handles:
+            try:
+                results.append(h if isinstance(h, BaseException) else ray.get(h))
+            except Exception as err:  # RayActorError when the worker died
+                results.append(err)
+        return results
 
 
 class SocketTransport(Transport):
-    def __init__(self, node_id: str | None = None):
+    def __init__(self, node_id: str | None = None, timeout: float = 60.0):
         self.node_id = node_id  # this router's Ray node: same-node workers get a Unix socket
+        self.timeout = timeout  # a peer that vanished without closing (node loss) fails the call after this
         self._socks: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
 
@@ -88,9 +96,10 @@ class SocketTransport(Transport):
         if endpoint["node_id"] == self.node_id and endpoint.get("unix"):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(endpoint["unix"])
-            return sock
-        sock = socket.create_connection(tuple(endpoint["tcp"]))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.create_connection(tuple(endpoint["tcp"]))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeout)
         return sock
 
     def retain(self, worker_ids):
@@ -101,11 +110,25 @@ class SocketTransport(Transport):
 
     def submit(self, worker_id, layer, hidden, token, expert, weight):
         sock = self._socks[worker_id]
-        send_request(sock, layer, hidden, token, expert, weight)
+        try:
+            send_request(sock, layer, hidden, token, expert, weight)
+        except OSError:
+            sock.close()
+            raise
         return sock
 
     def collect(self, handles):
-        return [recv_response(sock) for sock in handles]
+        results = []
+        for h in handles:
+            if isinstance(h, BaseException):
+                results.append(h)
+                continue
+            try:
+                results.append(recv_response(h))
+            except OSError as err:  # WireError, reset, timeout: the stream is unusable from here on
+                h.close()
+                results.append(err)
+        return results
 
     def close(self):
         with self._lock:

@@ -53,9 +53,90 @@ def ray_session():
     if ray.is_initialized():  # e.g. a test module started its own; reuse it rather than fail
         yield ray
         return
+    global _RAY_METRICS_PORT
+    _RAY_METRICS_PORT = _free_port()  # Prometheus endpoint of this node's Ray metrics agent
     ray.init(namespace=NAMESPACE, include_dashboard=False, num_cpus=2, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _metrics_export_port=_RAY_METRICS_PORT)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+_RAY_METRICS_PORT: int | None = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port(ray_session) -> int:
+    """Port of the session's Ray metrics endpoint (http://127.0.0.1:PORT/metrics)."""
+    assert _RAY_METRICS_PORT is not None, "Ray was started outside ray_session, without a known metrics port"
+    return _RAY_METRICS_PORT
+
+
+# --- a router's gRPC server in this process, without Ray ----------------------------------------------
+
+
+class LocalServer:
+    """A tiny-model engine behind `start_server` on its own asyncio loop in a background thread, as in a router.
+
+    Tests talk to it over real channels and read `engine` (the synchronous Engine) directly, e.g. to check
+    that every KV slot is free again. `run(coro)` runs a coroutine on the server's loop (e.g. `server.drain`).
+    """
+
+    def __init__(self, model_dir: str, settings, security=None, admin=None):
+        import asyncio
+        import threading
+
+        from router_service.async_engine import AsyncEngine
+        from router_service.engine import load_engine
+        from router_service.server import start_server
+
+        self.engine = load_engine(model_dir, settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
+        self._thread.start()
+
+        async def start():
+            async_engine = AsyncEngine(self.engine, asyncio.get_running_loop())  # needs the loop it runs on
+            server, port, health = await start_server(async_engine, admin, "127.0.0.1", 0, "tiny", model_dir,
+                                                      security=security)
+            return async_engine, server, port, health
+
+        self.async_engine, self.server, self.port, self.health = self.run(start(), 60)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, coro, timeout: float = 60):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.async_engine.stop()
+        self.run(self.server.stop(1), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_model):
+    """Factory of LocalServer on the tiny model: `srv = local_server(EngineSettings(...), security=...)`;
+    the caller closes it (`srv.close()`), typically in a module-scoped fixture."""
+
+    def start(settings=None, security=None, admin=None) -> LocalServer:
+        from router_service.engine import EngineSettings
+
+        return LocalServer(tiny_model, settings or EngineSettings(max_model_len=128), security, admin)
+
+    return start

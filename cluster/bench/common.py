@@ -48,3 +48,21 @@ def write_json(path: str | Path, record: dict) -> Path:
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of xs, linear between closest ranks (numpy's default)."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("percentile of no values")
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -274,3 +274,42 @@ def test_cli_status_and_generate(target, reference):
     assert record["text"] == expected.text
     assert record["finish_reason"] == "length"
     assert record["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6}
+
+
+def test_metrics_reach_the_ray_prometheus_endpoint(stub, ray_metrics_port):
+    """After traffic, our ray.util.metrics appear (ray_ prefix) on the node's metrics endpoint with sane values."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for ids in ([1, 2, 3], [4, 5]):
+        stub.Generate(greedy(ids, 4), timeout=RPC_TIMEOUT)
+    wanted = {"ray_moe_serve_requests", "ray_moe_serve_expert_tokens", "ray_moe_serve_workers",
+              "ray_moe_serve_plan_version", "ray_moe_serve_time_to_first_token_seconds", "ray_moe_serve_kv_slots",
+              "ray_moe_serve_generated_tokens", "ray_moe_serve_expert_replicas"}
+    deadline = time.monotonic() + 90  # routers export every 5 s; the agent scrapes on its own period
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).read().decode()
+        samples: dict[str, list] = {}
+        for family in text_string_to_metric_families(body):
+            if family.name.startswith("ray_moe_serve"):
+                samples.setdefault(family.name, []).extend(family.samples)
+        if wanted <= set(samples) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= set(samples), sorted(wanted - set(samples))
+
+    flat = [s for family in samples.values() for s in family]
+
+    def value(sample_name, **labels):
+        return sum(s.value for s in flat if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("ray_moe_serve_requests_total", code="OK") >= 2
+    assert value("ray_moe_serve_workers") == NUM_WORKERS
+    assert value("ray_moe_serve_plan_version") == 1
+    assert value("ray_moe_serve_kv_slots", router="router-0") == ENGINE.max_num_seqs
+    routed = [s for s in samples["ray_moe_serve_expert_tokens"] if s.name == "ray_moe_serve_expert_tokens_total"]
+    assert routed and all(s.labels["layer"] in {str(l) for l in MOE_LAYERS} for s in routed)
+    assert sum(s.value for s in routed) > 0
+    ttft_count = value("ray_moe_serve_time_to_first_token_seconds_count")
+    assert ttft_count >= 2

@@ -1,0 +1,764 @@
+"""Serving: the cluster against the single-process engine and transformers, side by side in one run.
+
+One checkpoint, the same random prompts, five figure groups:
+
+1. throughput  decode tokens/s per batch size of the single-process engine (in this process), the
+               cluster with the reference transport ("ray": one Ray actor call per worker per MoE
+               layer), the cluster with the fast transport ("socket": raw tensor bytes over Unix
+               sockets) and transformers generate(). A cluster gets B concurrent gRPC Generate
+               requests (ignore_eos, fixed max_tokens). Decode rate as in `bench engine`: N-token run
+               minus 1-token run. Each cluster is started once, measured at every batch size in rounds
+               that alternate with the engine, and stopped; its ratio is to the engine's rounds taken
+               alongside it. transformers alternates with the engine the same way.
+2. latency     `--streams` concurrent GenerateStream calls on the fast-transport cluster, arriving
+               `--stagger-ms` apart: time to first token and inter-token latency (p50, p99), taken
+               client side from message arrival times.
+3. dispatch    per MoE layer, what the dispatch adds next to its floor: a raw pipe round trip between
+               this process and a child carrying one layer's dispatch at the breakdown batch
+               (B x hidden x 4 bytes out, the same back), measured while each cluster is up.
+4. memory      peak RSS of this process (the engine; taken before transformers loads), the router and
+               every expert worker of each cluster.
+5. breakdown   where a decode step's time goes, as shares of the step (breakdown batch: 32 if
+               measured, else the largest batch): the engine's StepProfile, and for each cluster the
+               router's StepProfile plus the workers' compute.
+
+Dispatch overhead, defined. Per MoE layer the router sends the routed tokens (profile section
+`routed`), runs the shared experts (`shared_experts`) while the workers compute, then waits for the
+replies (`routed` again). With R and S those sections' seconds per decode step and C the workers'
+compute per step on the critical path (the slower worker: max over workers of its compute seconds
+per step, from `ExpertWorker.stats()`), the layer could not finish before max(S, C) even with a free
+data plane, so
+
+    dispatch overhead per MoE layer = (R + S - max(S, C)) / MoE layers
+
+and the routed compute exposed on the router's step is max(0, C - S). A worker's compute always lies
+inside its layer's R + S window, so this is never negative; taking the max of the workers' per-step
+totals rather than the per-layer max slightly understates C, so the overhead is if anything overstated.
+Client side, without any profile: (cluster step time - engine step time) / MoE layers, where a step
+time is batch / tokens per second at the breakdown batch. Direct: the same transport class driven from
+this process against the cluster's workers (one message of B rows per worker, then the replies), the
+workers' compute subtracted; next to the router's figure it tells the data plane's own cost from what
+the router process adds around it.
+
+Decode "per step" figures subtract a 1-token run from an N-token run (profile seconds, worker
+compute, steps and wall time alike), so prefill drops out as it does from the tokens/s.
+
+The router's profile needs a hook on the Router actor (`Router.profile`, see REQUESTED_HOOKS); until
+one exists this suite reaches the router's StepProfile and peak RSS through Ray's developer API
+`ActorHandle.__ray_call__`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from cluster.bench.common import (machine, peak_rss_bytes, percentile, print_table, resolve_model, timed,
+                                  write_json)
+from cluster.bench.engine import _engine_runner, _reference_runner, decode_rate, median
+
+SYSTEMS = ("engine", "cluster-ray", "cluster-socket", "transformers")
+TRANSPORTS = {"cluster-ray": "ray", "cluster-socket": "socket"}
+# Step-time categories, in stacking order; StepProfile section names map onto them in _categories.
+CATEGORIES = ("scheduling", "attention", "dense MLP", "gate", "shared experts", "routed compute",
+              "routed dispatch", "LM head", "sampling", "detokenize", "other")
+RPC_TIMEOUT = 900.0
+
+REQUESTED_HOOKS = """\
+router_service/router.py, class Router (two small additions; this suite uses them when present):
+
+    def profile(self, enable: bool | None = None) -> dict:
+        \"\"\"The engine's StepProfile so far: {"seconds": {section: s}, "steps": n}; then, when `enable`
+        is given, reset it (enabled or not). For benchmarks: `moe-serve bench serving`.\"\"\"
+        prof = self.engine.engine.model.profile
+        out = {"seconds": dict(prof.seconds), "steps": prof.steps}
+        if enable is not None:
+            prof.reset(enable)
+        return out
+
+    and in Router.stats(): "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: --preset, built once and cached)")
+    p.add_argument("--preset", default="deepseek-moe-mini")
+    p.add_argument("--batch", default="1,8,32,64", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (and per stream)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (median reported)")
+    p.add_argument("--workers", type=int, default=2, help="expert workers per cluster")
+    p.add_argument("--streams", type=int, default=16, help="concurrent gRPC streams for the latency figure")
+    p.add_argument("--stagger-ms", type=float, default=50.0, help="gap between stream arrivals")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads of the engine and transformers (this process) and of the router (default 1: "
+                        "on a small shared machine, threads beyond the free cores make OpenMP wait on descheduled "
+                        "threads and the figures swing tenfold); expert workers keep the cluster's default")
+    p.add_argument("--no-reference", action="store_true", help="skip transformers")
+    p.add_argument("--out-dir", default="bench-results", help="where serving.json and the PNG plots go")
+
+
+# --- runners ----------------------------------------------------------------------------------------
+
+
+def _greedy_request(ids: list[int], max_tokens: int):
+    from router_service.api import generation_pb2 as pb2
+
+    return pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids),
+                               sampling=pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def _cluster_runner(stub, prompts: list[list[int]]):
+    """B concurrent unary Generate calls (grpc futures), all sent before any is awaited."""
+
+    def run(n: int) -> None:
+        futures = [stub.Generate.future(_greedy_request(ids, n), timeout=RPC_TIMEOUT) for ids in prompts]
+        for f in futures:
+            got = f.result().usage.completion_tokens
+            if got != n:
+                raise RuntimeError(f"cluster returned {got} tokens, asked for {n}")
+
+    return run
+
+
+def _alternate(runners: dict, batch: int, tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Warm each runner up, then `rounds` rounds of decode_rate, the runners taking turns within a round."""
+    for run in runners.values():
+        run(2)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            rates[name].append(decode_rate(run, batch, tokens))
+    return rates
+
+
+# --- step profiles ----------------------------------------------------------------------------------
+
+
+def _router_profile_call(router, enable):  # runs inside the router actor (via __ray_call__)
+    prof = router.engine.engine.model.profile
+    out = {"seconds": dict(prof.seconds), "steps": prof.steps}
+    if enable is not None:
+        prof.reset(enable)
+    return out
+
+
+def _peak_rss_call(_actor):  # runs inside an actor (via __ray_call__)
+    return peak_rss_bytes()
+
+
+class _EngineProbe:
+    """Profile of the single-process engine in this process."""
+
+    hook = "in process"
+
+    def __init__(self, engine):
+        self.profile = engine.model.profile
+
+    def reset(self, enable: bool) -> None:
+        self.profile.reset(enable)
+
+    def read(self) -> dict:
+        return {"seconds": dict(self.profile.seconds), "steps": self.profile.steps, "workers": []}
+
+
+class _ClusterProbe:
+    """The router's profile (hook or __ray_call__) and the workers' cumulative compute."""
+
+    def __init__(self, router, workers: dict):
+        import ray
+
+        self.ray, self.router, self.workers = ray, router, workers
+        self.hook = "Router.profile" if _has_method(router, "profile") else "__ray_call__"
+
+    def _profile(self, enable):
+        if self.hook == "Router.profile":
+            return self.ray.get(self.router.profile.remote(enable), timeout=RPC_TIMEOUT)
+        return self.ray.get(self.router.__ray_call__.remote(_router_profile_call, enable), timeout=RPC_TIMEOUT)
+
+    def reset(self, enable: bool) -> None:
+        self._profile(enable)
+
+    def read(self) -> dict:
+        out = self._profile(None)
+        stats = self.ray.get([w.stats.remote() for w in self.workers.values()], timeout=RPC_TIMEOUT)
+        out["workers"] = [(s["compute_seconds"], s["calls"]) for s in stats]
+        return out
+
+
+def _has_method(handle, name: str) -> bool:
+    try:
+        getattr(handle, name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _profiled_step(run, probe, tokens: int, rounds: int) -> dict:
+    """Seconds per decode step by profile section, wall time and worker compute: N-token minus 1-token run.
+
+    Each round gives one consistent set; the round with the median wall time per step is returned."""
+    sets = []
+    for _ in range(rounds):
+        one, many = {}, {}
+        for n, into in ((1, one), (tokens, many)):
+            probe.reset(True)
+            before = probe.read()["workers"]
+            into["wall"] = timed(lambda: run(n))
+            after = probe.read()
+            into.update(after)
+            into["workers"] = [(c1 - c0, k1 - k0) for (c0, k0), (c1, k1) in zip(before, after["workers"])]
+        probe.reset(False)
+        steps = many["steps"] - one["steps"]
+        if steps <= 0:
+            continue
+        names = set(one["seconds"]) | set(many["seconds"])
+        sets.append({
+            "decode_steps": steps,
+            "step_seconds": (many["wall"] - one["wall"]) / steps,
+            "sections": {k: (many["seconds"].get(k, 0.0) - one["seconds"].get(k, 0.0)) / steps for k in names},
+            "worker_compute_seconds": [(cm - c1) / steps for (c1, _), (cm, _) in zip(one["workers"], many["workers"])],
+            "worker_calls": [(km - k1) / steps for (_, k1), (_, km) in zip(one["workers"], many["workers"])],
+        })
+    if not sets:
+        raise RuntimeError("no decode steps between the 1-token and the N-token runs; raise --tokens")
+    return sorted(sets, key=lambda s: s["step_seconds"])[len(sets) // 2]
+
+
+def _categories(prof: dict) -> dict[str, float]:
+    """Seconds per step by category; for a cluster, `routed` splits into exposed compute and dispatch."""
+    sec = dict(prof["sections"])
+    R, S = sec.pop("routed", 0.0), sec.get("shared_experts", 0.0)
+    if prof["worker_compute_seconds"]:
+        C = max(prof["worker_compute_seconds"])
+        exposed = min(R, max(0.0, C - S))
+        compute, dispatch = exposed, R - exposed  # R - exposed == R + S - max(S, C), clipped at R >= 0
+    else:
+        compute, dispatch = R, 0.0  # local experts: `routed` is the routed compute itself
+    names = {"scheduling": "scheduling", "attention": "attention", "dense_mlp": "dense MLP", "gate": "gate",
+             "shared_experts": "shared experts", "lm_head": "LM head", "sampling": "sampling",
+             "detokenize": "detokenize"}
+    out = {c: 0.0 for c in CATEGORIES}
+    out["routed compute"], out["routed dispatch"] = compute, dispatch
+    for k, v in sec.items():
+        out[names.get(k, "other")] += max(v, 0.0)
+    out["other"] += max(0.0, prof["step_seconds"] - sum(out.values()))
+    return out
+
+
+def _breakdown_record(prof: dict) -> dict:
+    cats = _categories(prof)
+    total = sum(cats.values()) or 1.0
+    return {"step_ms": prof["step_seconds"] * 1e3, "decode_steps": prof["decode_steps"],
+            "ms_per_step": {k: v * 1e3 for k, v in cats.items()}, "shares": {k: v / total for k, v in cats.items()},
+            "profile_sections_ms": {k: v * 1e3 for k, v in sorted(prof["sections"].items())},
+            "worker_compute_ms_per_step": [c * 1e3 for c in prof["worker_compute_seconds"]],
+            "worker_calls_per_step": prof["worker_calls"]}
+
+
+def _dispatch_record(prof: dict, moe_layers: int, floor_s: float) -> dict:
+    sec = prof["sections"]
+    R, S = sec.get("routed", 0.0), sec.get("shared_experts", 0.0)
+    C = max(prof["worker_compute_seconds"])
+    overhead = (R + S - max(S, C)) / moe_layers
+    us = lambda s: s / moe_layers * 1e6  # noqa: E731 seconds per step -> us per MoE layer
+    return {"routed_us": us(R), "shared_experts_us": us(S), "worker_compute_us": us(C),
+            "overhead_us": overhead * 1e6, "floor_us": floor_s * 1e6, "overhead_over_floor": overhead / floor_s}
+
+
+# --- the pipe floor ---------------------------------------------------------------------------------
+
+_ECHO = """\
+import os, sys
+n = int(sys.argv[1])
+while True:
+    buf = bytearray()
+    while len(buf) < n:
+        b = os.read(0, n - len(buf))
+        if not b:
+            sys.exit(0)
+        buf += b
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(1, view):]
+"""
+
+
+def pipe_round_trip(nbytes: int, reps: int = 400) -> float:
+    """Median seconds of a round trip of `nbytes` through OS pipes to a child process and back."""
+    child = subprocess.Popen([sys.executable, "-c", _ECHO, str(nbytes)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, bufsize=0)
+    payload = memoryview(os.urandom(nbytes))
+    back = bytearray(nbytes)
+    out_fd, in_file = child.stdin.fileno(), child.stdout
+
+    def once():
+        view = payload
+        while view:
+            view = view[os.write(out_fd, view):]
+        got, into = 0, memoryview(back)
+        while got < nbytes:
+            k = in_file.readinto(into[got:])
+            if not k:
+                raise RuntimeError("pipe echo child exited")
+            got += k
+
+    try:
+        for _ in range(20):
+            once()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - start)
+        if bytes(back) != bytes(payload):
+            raise RuntimeError("pipe echo returned different bytes")
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+        child.stdout.close()
+    return median(times)
+
+
+def direct_round_trip(transport_name: str, workers: dict, batch: int, hidden_size: int, dtype: torch.dtype,
+                      reps: int = 200) -> dict:
+    """The data plane alone, from this process: one layer-like round (a message to every worker, then every
+    reply) of `batch` rows each, through a fresh transport of the router's kind. Each row goes to one
+    hosted expert, so compute is small; it is subtracted (the slower worker's mean compute per call)."""
+    import ray
+
+    from router_service.transports import TRANSPORTS, SocketTransport
+
+    infos = ray.get([h.info.remote() for h in workers.values()], timeout=RPC_TIMEOUT)
+    handles = {i["worker_id"]: h for i, h in zip(infos, workers.values())}
+    targets = {}
+    for i in infos:
+        layer = min(i["hosted"])
+        targets[i["worker_id"]] = (layer, i["hosted"][layer][0])
+    transport = (SocketTransport(ray.get_runtime_context().get_node_id()) if transport_name == "socket"
+                 else TRANSPORTS[transport_name]())
+    transport.connect(handles)
+    hidden = torch.randn(batch, hidden_size).to(dtype)
+    token, weight = torch.arange(batch), torch.ones(batch, dtype=dtype)
+
+    def layer_round():
+        sent = [transport.submit(w, layer, hidden, token, torch.full((batch,), e), weight)
+                for w, (layer, e) in targets.items()]
+        for out in transport.collect(sent):
+            if out.shape != hidden.shape:
+                raise RuntimeError(f"worker returned {tuple(out.shape)}, sent {tuple(hidden.shape)}")
+
+    stats = lambda: ray.get([h.stats.remote() for h in handles.values()], timeout=RPC_TIMEOUT)  # noqa: E731
+    try:
+        for _ in range(10):
+            layer_round()
+        before = stats()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            layer_round()
+            times.append(time.perf_counter() - start)
+        after = stats()
+    finally:
+        transport.close()
+    compute = max((a["compute_seconds"] - b["compute_seconds"]) / max(1, a["calls"] - b["calls"])
+                  for a, b in zip(after, before))
+    rtt = median(times)
+    return {"direct_round_trip_us": rtt * 1e6, "direct_compute_us": compute * 1e6,
+            "direct_overhead_us": (rtt - compute) * 1e6}
+
+
+# --- latency under concurrent streams ---------------------------------------------------------------
+
+
+def stream_latency(stub, prompts: list[list[int]], tokens: int, stagger_s: float) -> dict:
+    """Each prompt its own GenerateStream, the i-th sent i * stagger_s after the first; times client side."""
+    records: list = [None] * len(prompts)
+    start = time.perf_counter() + 0.05
+
+    def one(i: int) -> None:
+        time.sleep(max(0.0, start + i * stagger_s - time.perf_counter()))
+        sent = time.perf_counter()
+        arrivals = []
+        for msg in stub.GenerateStream(_greedy_request(prompts[i], tokens), timeout=RPC_TIMEOUT):
+            if msg.token_ids:
+                arrivals.append((time.perf_counter(), len(msg.token_ids)))
+        records[i] = (sent, arrivals)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(one, range(len(prompts))))
+    ttft, itl = [], []
+    for sent, arrivals in records:
+        if sum(n for _, n in arrivals) != tokens:
+            raise RuntimeError(f"a stream returned {sum(n for _, n in arrivals)} tokens, asked for {tokens}")
+        ttft.append(arrivals[0][0] - sent)
+        itl += [(t - prev) / n for (prev, _), (t, n) in zip(arrivals, arrivals[1:])]
+    pct = lambda xs: {"p50": percentile(xs, 50) * 1e3, "p99": percentile(xs, 99) * 1e3,  # noqa: E731
+                      "mean": sum(xs) / len(xs) * 1e3}
+    return {"ttft_ms": pct(ttft), "itl_ms": pct(itl), "itl_samples": len(itl)}
+
+
+# --- a cluster's life -------------------------------------------------------------------------------
+
+
+class _Cluster:
+    """Start a cluster for one transport; stop it (always) on exit. Ray must be initialised."""
+
+    def __init__(self, model_dir: Path, transport: str, workers: int, engine_settings, router_threads: int):
+        from cluster.settings import ClusterSettings
+
+        fields = dict(model=str(model_dir), num_workers=workers, port=0, engine=engine_settings, transport=transport,
+                      router_torch_threads=router_threads)
+        known = ClusterSettings.model_fields
+        # A benchmark measures one fixed placement: no rebalancing or autoscaling mid-run.
+        if "rebalance_below_balancedness" in known:
+            fields["rebalance_below_balancedness"] = None
+        self.settings = ClusterSettings(**fields)
+        self.transport = transport
+
+    def __enter__(self) -> "_Cluster":
+        import grpc
+        import ray
+
+        from cluster.client import wait_until_serving
+        from cluster.controller import start_cluster
+        from cluster.settings import CONTROLLER_NAME, NAMESPACE
+        from router_service.api import generation_pb2_grpc as pb2_grpc
+
+        try:
+            ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            raise RuntimeError(f"a cluster controller {CONTROLLER_NAME!r} is already running in namespace "
+                               f"{NAMESPACE!r}; stop it before benchmarking")
+        except ValueError:
+            pass  # none: good
+        started = time.perf_counter()
+        self.controller, ports = start_cluster(self.settings)
+        try:
+            self.target = f"127.0.0.1:{ports[0]}"
+            wait_until_serving(self.target, timeout=120)
+            self.channel = grpc.insecure_channel(self.target)
+            self.stub = pb2_grpc.GenerationStub(self.channel)
+            self.router = ray.get_actor("router-0", namespace=NAMESPACE)
+            names = sorted((a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                            if a["namespace"] == NAMESPACE and a["name"].startswith("expert-worker-")),
+                           key=lambda n: int(n.rsplit("-", 1)[1]))
+            self.workers = {n: ray.get_actor(n, namespace=NAMESPACE) for n in names}
+        except BaseException:
+            self._stop()
+            raise
+        print(f"cluster up ({self.transport} transport, {len(self.workers)} workers) in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+        return self
+
+    def peak_rss(self) -> dict[str, int]:
+        """Peak RSS of the router and each worker: their stats() where it reports it, else __ray_call__."""
+        import ray
+
+        out = {}
+        for name, h in {"router-0": self.router, **self.workers}.items():
+            stats = ray.get(h.stats.remote(), timeout=RPC_TIMEOUT)
+            out[name] = stats["max_rss_bytes"] if "max_rss_bytes" in stats else \
+                ray.get(h.__ray_call__.remote(_peak_rss_call), timeout=RPC_TIMEOUT)
+        return out
+
+    def _stop(self) -> None:
+        from cluster.controller import stop_cluster
+
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+        stop_cluster(self.controller)
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.torch_threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ray
+
+    from router_service.engine import EngineSettings, load_engine
+
+    model_dir = resolve_model(args.model, args.preset)
+    batches = [int(b) for b in args.batch.split(",")]
+    bd_batch = 32 if 32 in batches else max(batches)
+    out_dir = Path(args.out_dir)
+    settings = EngineSettings(max_num_seqs=max(max(batches), args.streams),
+                              max_model_len=args.prompt_len + args.tokens + 1)
+    engine = load_engine(model_dir, settings)
+    spec = engine.spec
+    moe_layers = len(spec.moe_layers)
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(0, spec.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in batches}
+    stream_prompts = torch.randint(0, spec.vocab_size, (args.streams, args.prompt_len), generator=gen).tolist()
+    engine_runs = {b: _engine_runner(engine, prompts[b]) for b in batches}
+    for b in batches:
+        engine_runs[b](2)
+    print(f"model {model_dir.name} ({spec.model_type}): hidden {spec.hidden_size}, {moe_layers} MoE layers; "
+          f"batches {batches}, {args.prompt_len}-token prompts, {args.tokens} tokens each", flush=True)
+
+    rates: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # system -> batch -> rounds
+    engine_alongside: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # the engine's rounds next to s
+    breakdown: dict[str, dict] = {}
+    dispatch: dict[str, dict] = {}
+    memory: list[dict] = []
+
+    # The engine's own step profile at the breakdown batch.
+    breakdown["engine"] = _breakdown_record(
+        _profiled_step(engine_runs[bd_batch], _EngineProbe(engine), args.tokens, args.rounds))
+    memory.append({"process": "bench (single-process engine)", "peak_rss_bytes": peak_rss_bytes()})
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        from cluster.settings import NAMESPACE
+
+        ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    latency = None
+    try:
+        for system, transport in TRANSPORTS.items():
+            with _Cluster(model_dir, transport, args.workers, settings, args.torch_threads) as cluster:
+                for b in batches:
+                    r = _alternate({"engine": engine_runs[b], system: _cluster_runner(cluster.stub, prompts[b])},
+                                   b, args.tokens, args.rounds)
+                    rates[system][b], engine_alongside[system][b] = r[system], r["engine"]
+                    print(f"batch {b}: {system} {median(r[system]):.1f} tok/s, engine {median(r['engine']):.1f} "
+                          f"tok/s", flush=True)
+                probe = _ClusterProbe(cluster.router, cluster.workers)
+                prof = _profiled_step(_cluster_runner(cluster.stub, prompts[bd_batch]), probe, args.tokens,
+                                      args.rounds)
+                breakdown[system] = {**_breakdown_record(prof), "router_profile_via": probe.hook}
+                floor = pipe_round_trip(bd_batch * spec.hidden_size * 4)
+                dispatch[system] = _dispatch_record(prof, moe_layers, floor)
+                direct = direct_round_trip(transport, cluster.workers, bd_batch, spec.hidden_size, engine.model.dtype)
+                direct["direct_over_floor"] = direct["direct_overhead_us"] / dispatch[system]["floor_us"]
+                dispatch[system].update(direct)
+                step = lambda rs: bd_batch / median(rs)  # noqa: E731 seconds per decode step
+                client = (step(rates[system][bd_batch]) - step(engine_alongside[system][bd_batch])) / moe_layers
+                dispatch[system]["client_side_overhead_us"] = client * 1e6
+                dispatch[system]["client_side_over_floor"] = client / floor
+                if transport == "socket":
+                    _cluster_runner(cluster.stub, stream_prompts[:1])(2)  # warm-up
+                    latency = stream_latency(cluster.stub, stream_prompts, args.tokens, args.stagger_ms / 1e3)
+                for name, rss in cluster.peak_rss().items():
+                    memory.append({"process": f"{name} ({transport} transport)", "peak_rss_bytes": rss})
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    if not args.no_reference:
+        from cluster.reference import load_reference
+
+        reference = load_reference(model_dir, engine.model.dtype)
+        for b in batches:
+            r = _alternate({"engine": engine_runs[b], "transformers": _reference_runner(reference, prompts[b])},
+                           b, args.tokens, args.rounds)
+            rates["transformers"][b], engine_alongside["transformers"][b] = r["transformers"], r["engine"]
+            print(f"batch {b}: transformers {median(r['transformers']):.1f} tok/s, engine "
+                  f"{median(r['engine']):.1f} tok/s", flush=True)
+        memory.append({"process": "bench (engine + transformers loaded)", "peak_rss_bytes": peak_rss_bytes()})
+    for b in batches:  # the engine's figure: every round it ran, next to whichever system
+        rates["engine"][b] = [x for s in SYSTEMS for x in engine_alongside[s].get(b, [])]
+
+    record = _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, latency, dispatch, memory,
+                     breakdown)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record["plots"] = [str(_plot_throughput(record, out_dir / "serving-throughput.png")),
+                       str(_plot_breakdown(record, out_dir / "serving-breakdown.png"))]
+    write_json(out_dir / "serving.json", record)
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, latency, dispatch, memory,
+            breakdown) -> dict:
+    tables = {}
+    moe_layers = len(spec.moe_layers)
+
+    throughput = []
+    for b in batches:
+        row = {"batch": b, "tokens_per_s": {}, "ratio_to_engine": {}, "rounds": {}}
+        for s in SYSTEMS:
+            if b not in rates[s]:
+                continue
+            row["tokens_per_s"][s] = median(rates[s][b])
+            row["rounds"][s] = rates[s][b]
+            if s != "engine":
+                row["ratio_to_engine"][s] = median(rates[s][b]) / median(engine_alongside[s][b])
+        throughput.append(row)
+    print(f"\n1. decode tokens/s on {model_dir.name} ({spec.model_type}), {args.prompt_len}-token prompts, "
+          f"{args.tokens} tokens each; ratio = system / engine rounds taken alongside it")
+    cell = lambda row, s: (f"{row['tokens_per_s'][s]:.1f}" if s in row["tokens_per_s"] else "-")  # noqa: E731
+    ratio = lambda row, s: (f"{row['ratio_to_engine'][s]:.2f}x" if s in row["ratio_to_engine"] else "-")  # noqa: E731
+    tables["throughput"] = print_table(
+        ["batch", "engine", "cluster-ray", "x engine", "cluster-socket", "x engine", "transformers", "x engine"],
+        [[r["batch"], cell(r, "engine"), cell(r, "cluster-ray"), ratio(r, "cluster-ray"), cell(r, "cluster-socket"),
+          ratio(r, "cluster-socket"), cell(r, "transformers"), ratio(r, "transformers")] for r in throughput])
+
+    print(f"\n2. latency: {args.streams} concurrent GenerateStream calls on cluster-socket, arriving "
+          f"{args.stagger_ms:g} ms apart, {args.tokens} tokens each (client side)")
+    tables["latency"] = print_table(
+        ["metric", "p50 ms", "p99 ms", "mean ms"],
+        [["time to first token", latency["ttft_ms"]["p50"], latency["ttft_ms"]["p99"], latency["ttft_ms"]["mean"]],
+         ["inter-token latency", latency["itl_ms"]["p50"], latency["itl_ms"]["p99"], latency["itl_ms"]["mean"]]])
+
+    payload = bd_batch * spec.hidden_size * 4
+    print(f"\n3. dispatch per MoE layer at batch {bd_batch} ({moe_layers} MoE layers); floor: pipe round trip of "
+          f"{payload} bytes each way to a child process. overhead = routed + shared - max(shared, worker compute)")
+    print("   in the router: from its step profile and the workers' compute; direct: the same transport driven from "
+          "this process, one message per worker, compute subtracted; client side: (cluster - engine step) / layers")
+    tables["dispatch"] = print_table(
+        ["transport", "routed us", "shared us", "worker compute us", "overhead us", "pipe floor us", "overhead/floor",
+         "direct us", "direct/floor", "client-side us", "client/floor"],
+        [[TRANSPORTS[s], d["routed_us"], d["shared_experts_us"], d["worker_compute_us"], d["overhead_us"],
+          d["floor_us"], f"{d['overhead_over_floor']:.1f}x", d["direct_overhead_us"], f"{d['direct_over_floor']:.1f}x",
+          d["client_side_overhead_us"], f"{d['client_side_over_floor']:.1f}x"] for s, d in dispatch.items()])
+
+    print("\n4. peak memory (RSS) per process")
+    tables["memory"] = print_table(["process", "peak RSS MiB"],
+                                   [[m["process"], m["peak_rss_bytes"] / 2**20] for m in memory])
+
+    systems = [s for s in SYSTEMS if s in breakdown]
+    print(f"\n5. where a decode step goes at batch {bd_batch}: share of the step (ms per step in the last row)")
+    tables["breakdown"] = print_table(
+        ["category", *systems],
+        [[c, *[f"{breakdown[s]['shares'][c] * 100:.1f}%" for s in systems]] for c in CATEGORIES]
+        + [["step ms", *[breakdown[s]["step_ms"] for s in systems]]])
+
+    targets = _targets(throughput, bd_batch, dispatch, breakdown)
+    print("\ntargets (not asserted):")
+    for t in targets:
+        print(f"  {t['text']}")
+    return {"suite": "serving", "model": str(model_dir), "model_type": spec.model_type, "machine": machine(),
+            "settings": {"batches": batches, "breakdown_batch": bd_batch, "prompt_len": args.prompt_len,
+                         "tokens": args.tokens, "rounds": args.rounds, "workers": args.workers,
+                         "streams": args.streams, "stagger_ms": args.stagger_ms, "torch_threads": args.torch_threads,
+                         "hidden_size": spec.hidden_size,
+                         "moe_layers": moe_layers},
+            "throughput": {"unit": "decode tokens/s", "results": throughput},
+            "latency": {"transport": "socket", "streams": args.streams, "stagger_ms": args.stagger_ms,
+                        "tokens": args.tokens, **latency},
+            "dispatch": {"batch": bd_batch, "moe_layers": moe_layers, "payload_bytes": payload,
+                         "transports": {TRANSPORTS[s]: d for s, d in dispatch.items()}},
+            "memory": {"processes": memory},
+            "breakdown": {"batch": bd_batch, "categories": list(CATEGORIES), "systems": breakdown},
+            "targets": targets, "requested_hooks": REQUESTED_HOOKS, "tables": tables}
+
+
+def _targets(throughput, bd_batch, dispatch, breakdown) -> list[dict]:
+    row = next(r for r in throughput if r["batch"] == bd_batch)
+    out = []
+
+    def add(name, value, goal, met, text, blocker=None):
+        out.append({"target": name, "value": value, "goal": goal, "met": met,
+                    "text": text + ("" if met else f": NOT MET. {blocker}" if blocker else ": NOT MET"),
+                    "blocker": None if met else blocker})
+
+    if "cluster-socket" in row["ratio_to_engine"]:
+        v = row["ratio_to_engine"]["cluster-socket"]
+        e, c = breakdown["engine"]["ms_per_step"], breakdown["cluster-socket"]["ms_per_step"]
+        extra = sorted(((c[k] - e[k], k) for k in CATEGORIES), reverse=True)[:3]
+        blocker = ("Extra ms per step over the engine, largest first: "
+                   + ", ".join(f"{k} {d:+.1f}" for d, k in extra)
+                   + f" (step {breakdown['cluster-socket']['step_ms']:.1f} vs {breakdown['engine']['step_ms']:.1f} ms)")
+        add("cluster-socket >= 0.9x engine", v, 0.9, v >= 0.9,
+            f"cluster-socket at batch {bd_batch}: {v:.2f}x the engine (target >= 0.9x)" + ("" if v < 0.9 else ": met"),
+            blocker)
+    if "cluster-socket" in dispatch:
+        d = dispatch["cluster-socket"]
+        v = d["overhead_over_floor"]
+        share = min(1.0, max(0.0, d["direct_overhead_us"] / d["overhead_us"]))
+        blocker = (f"Per MoE layer the router spends {d['routed_us']:.0f} us in routed (send + wait) and "
+                   f"{d['shared_experts_us']:.0f} us in shared experts while the slower worker computes "
+                   f"{d['worker_compute_us']:.0f} us; {d['overhead_us']:.0f} us is beyond the compute, against a "
+                   f"{d['floor_us']:.0f} us pipe floor. Driven directly from this process the same transport costs "
+                   f"{d['direct_overhead_us']:.0f} us beyond compute ({d['direct_over_floor']:.1f}x the floor): the "
+                   f"data plane itself accounts for about {share:.0%} of the overhead, the router process around it "
+                   f"(engine thread against the gRPC event loop for the GIL, wake-ups, combine) for the rest")
+        add("dispatch overhead <= 3x pipe floor", v, 3.0, v <= 3.0,
+            f"socket dispatch overhead per MoE layer: {d['overhead_us']:.0f} us = {v:.1f}x the pipe floor "
+            f"(target <= 3x)" + ("" if v > 3.0 else ": met"), blocker)
+    if "transformers" in row["ratio_to_engine"]:
+        v = 1 / row["ratio_to_engine"]["transformers"]
+        e = breakdown["engine"]["ms_per_step"]
+        top = sorted(((e[k], k) for k in CATEGORIES), reverse=True)[:3]
+        blocker = "the engine's step is mostly " + ", ".join(f"{k} {ms:.1f} ms" for ms, k in top)
+        add("engine >= 2x transformers", v, 2.0, v >= 2.0,
+            f"engine at batch {bd_batch}: {v:.2f}x transformers (target >= 2x)" + ("" if v < 2.0 else ": met"),
+            blocker)
+    return out
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+
+def _plot_throughput(record: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["throughput"]["results"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s, marker in zip(SYSTEMS, "osD^"):
+        pts = [(r["batch"], r["tokens_per_s"][s]) for r in rows if s in r["tokens_per_s"]]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=s)
+    batches = [r["batch"] for r in rows]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (concurrent sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decode throughput: {Path(record['model']).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_breakdown(record: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bd = record["breakdown"]
+    systems = list(bd["systems"])
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.8 * len(systems)))
+    colors = plt.get_cmap("tab20").colors
+    left = [0.0] * len(systems)
+    for i, c in enumerate(CATEGORIES):
+        shares = [bd["systems"][s]["shares"][c] for s in systems]
+        ax.barh(range(len(systems)), shares, left=left, color=colors[i % len(colors)], label=c)
+        left = [a + b for a, b in zip(left, shares)]
+    ax.set_yticks(range(len(systems)), [f"{s}\n{bd['systems'][s]['step_ms']:.1f} ms/step" for s in systems])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"share of a decode step at batch {bd['batch']}")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

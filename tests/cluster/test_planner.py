@@ -1,0 +1,207 @@
+"""Placement policies on hand-computed cases (pure CPU, no Ray).
+
+Notation in the comments: w0 {0, 2} = 110 means worker 0 hosts logical experts 0 and 2 of the layer
+and runs 110 tokens; an expert with n replicas puts load / n on each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, match_workers, migration_aware_plan,
+                             plan, plan_change, round_robin_plan, worker_load)
+
+EB = 1000  # expert_bytes in these tests
+
+
+def layer_load(tokens: list[float], layer: int = 1) -> dict[tuple[int, int], float]:
+    return {(layer, e): t for e, t in enumerate(tokens)}
+
+
+def experts_on(p, worker_id: int) -> list[int]:
+    return sorted(e for w in p.workers if w.worker_id == worker_id for _, e in w.replicas)
+
+
+def check_valid(p, inp: PlannerInput) -> None:
+    """Every logical expert has a replica, no worker is over its slots or hosts one expert twice."""
+    p.validate()
+    assert len(p.workers) == inp.num_workers
+    for w in p.workers:
+        assert len(w.replicas) <= inp.slots_per_worker, w
+        assert len(set(w.replicas)) == len(w.replicas), w
+        assert w.worker_id not in inp.drain
+
+
+def test_round_robin_deals_without_divisibility():
+    p = round_robin_plan((0,), 8, 3)
+    # 8 experts on 3 workers: 0 3 6 | 1 4 7 | 2 5
+    assert [experts_on(p, w) for w in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+@pytest.mark.parametrize("policy", sorted(PLANNERS))
+def test_uniform_load(policy):
+    current = round_robin_plan((1, 2), 4, 2)
+    load = {(l, e): 10 for l in (1, 2) for e in range(4)}
+    # each layer: w0 {0, 2} = 20, w1 {1, 3} = 20 -> (20 + 20) / (20 + 20) = 1.0
+    assert balancedness(current, load) == 1.0
+    new = plan(policy, PlannerInput(load, 2, 4, EB, current=current))
+    assert balancedness(new, load) == 1.0
+
+
+def test_worked_example_from_the_glossary():
+    current = round_robin_plan((1,), 4, 2)
+    load = layer_load([90, 30, 20, 20])
+    # w0 {0, 2} = 110, w1 {1, 3} = 50: mean 80 / max 110
+    assert worker_load(current, load) == {0: 110, 1: 50}
+    assert balancedness(current, load) == pytest.approx(80 / 110)
+    new = eplb_plan(PlannerInput(load, 2, 3, EB, current=current))
+    # 6 slots: expert 0 -> 2 replicas of 45 (a third needs a third worker), then expert 1 -> 2 of 15.
+    # Pack 45 45 20 20 15 15: w0 {0, 2, 1} = 45 + 20 + 15 = 80, w1 {0, 3, 1} = 80
+    assert [experts_on(new, 0), experts_on(new, 1)] == [[0, 1, 2], [0, 1, 3]]
+    assert balancedness(new, load) == 1.0
+    change = plan_change(current, new, EB)
+    assert change.added == {0: ((1, 1),), 1: ((1, 0),)} and change.removed == {}
+    assert change.bytes_moved == 2 * EB and new.version == current.version + 1
+
+
+def test_eplb_no_divisibility():
+    # 7 experts, 3 workers x 4 slots: 5 extra replicas, at most 3 per expert
+    load = layer_load([70, 40, 30, 20, 10, 10, 10], layer=0)
+    p = eplb_plan(PlannerInput(load, 3, 4, EB))
+    # replication, highest load per replica first: e0 70 -> 35, e1 40 -> 20, e0 35 -> 23.3 (3 = cap),
+    # e2 30 -> 15, then e3 20 ties e1 20 and goes first (fewer replicas) -> 10. counts 3 2 2 2 1 1 1.
+    # packing 23.3 x3 | 20 x2 | 15 x2 | 10 x5 into the least-loaded worker with a slot and no copy:
+    #   e0 -> w0 w1 w2; e1 -> w0 w1; e2 -> w2 (23.3) then w0 (43.3, ties w1: lower index);
+    #   e3 -> w2 (38.3) then w1 (43.3 < w0 58.3); e4 -> w2; e5 -> w1 (53.3 < 58.3); e6 -> w0 (last slot)
+    assert [experts_on(p, w) for w in range(3)] == [[0, 1, 2, 6], [0, 1, 3, 5], [0, 2, 3, 4]]
+    # w0 = 23.3 + 20 + 15 + 10 = 68.3, w1 = 63.3, w2 = 58.3: mean 63.3 / max 68.3
+    assert balancedness(p, load) == pytest.approx(190 / 3 / (70 / 3 + 45))
+
+
+def test_skewed_expert_gets_a_replica():
+    current = round_robin_plan((1,), 4, 2)
+    load = layer_load([100, 20, 20, 20])
+    # w0 {0, 2} = 120, w1 {1, 3} = 40: 80 / 120
+    assert balancedness(current, load) == pytest.approx(2 / 3)
+    new = migration_aware_plan(PlannerInput(load, 2, 3, EB, current=current, migration_weight=0.1))
+    # add expert 0 on w1 (50 each): w0 {0, 2} = 70, w1 {0, 1, 3} = 90 -> 0.89; then add expert 1 on w0
+    # (10 each): w0 = 80, w1 = 80 -> 1.0. Each step gains far more than 0.1 / 4 per replica moved.
+    assert new.replicas_of(1, 0) == [0, 1]
+    assert [experts_on(new, 0), experts_on(new, 1)] == [[0, 1, 2], [0, 1, 3]]
+    assert balancedness(new, load) == 1.0
+    assert plan_change(current, new, EB).bytes_moved == 2 * EB
+
+
+def test_scale_out_uses_the_new_worker():
+    current = round_robin_plan((1,), 6, 2)  # w0 {0, 2, 4}, w1 {1, 3, 5}
+    load = layer_load([10] * 6)
+    new = migration_aware_plan(PlannerInput(load, 3, 3, EB, current=current, migration_weight=0.1))
+    # worker 2 joins empty: 30 30 0. Relieving w0 alone leaves w1 at 30 (a tie gains nothing), so the
+    # planner moves one replica off each: 20 20 20 -> 1.0 for 2 replicas moved.
+    assert [w.worker_id for w in new.workers] == [0, 1, 2]
+    assert [len(experts_on(new, w)) for w in range(3)] == [2, 2, 2]
+    assert balancedness(new, load) == 1.0
+    change = plan_change(current, new, EB)
+    assert change.bytes_moved == 2 * EB and set(change.removed) == {0, 1} and set(change.added) == {2}
+
+
+@pytest.mark.parametrize("policy", sorted(PLANNERS))
+def test_draining_a_worker_empties_it(policy):
+    current = round_robin_plan((1,), 6, 3)  # w0 {0, 3}, w1 {1, 4}, w2 {2, 5}
+    load = layer_load([10, 40, 10, 10, 10, 10])
+    inp = PlannerInput(load, 2, 3, EB, current=current, drain=frozenset({1}))
+    new = plan(policy, inp)
+    check_valid(new, inp)
+    assert [w.worker_id for w in new.workers] == [0, 2]
+    assert plan_change(current, new, EB).removed.get(1) == ((1, 1), (1, 4))
+    if policy == "migration_aware":
+        # experts 1 (40) and 4 (10) must move, heaviest first: 40 to w0 (20 tokens, ties w2: lower
+        # index), 10 to w2: w0 {0, 3, 1} = 60, w2 {2, 5, 4} = 30. All 6 slots are full and no swap
+        # lowers 60 (swapping 40 for a 10 gives 30 / 60), so nothing else moves.
+        assert [experts_on(new, 0), experts_on(new, 2)] == [[0, 1, 3], [2, 4, 5]]
+        assert plan_change(current, new, EB).bytes_moved == 2 * EB
+
+
+def test_large_migration_weight_keeps_the_plan():
+    current = round_robin_plan((1,), 4, 2)
+    load = layer_load([30, 20, 25, 25])
+    # w0 {0, 2} = 55, w1 {1, 3} = 45: 50 / 55 = 0.909. Perfect balance gains 0.091, less than one
+    # replica moved costs at weight 10 (10 / 4 logical experts = 2.5).
+    assert migration_aware_plan(PlannerInput(load, 2, 2, EB, current=current, migration_weight=10)) is current
+    # at weight 0 the same case is worth fixing: swap 0 and 3 -> 50 / 50
+    free = migration_aware_plan(PlannerInput(load, 2, 2, EB, current=current, migration_weight=0))
+    assert balancedness(free, load) == 1.0 and plan_change(current, free, EB).bytes_moved == 2 * EB
+
+
+def test_zero_load_returns_the_current_plan():
+    current = round_robin_plan((1, 2), 5, 3)
+    assert migration_aware_plan(PlannerInput({}, 3, 4, EB, current=current)) is current
+    assert migration_aware_plan(PlannerInput({(1, 0): 0}, 3, 4, EB, current=current)) is current
+
+
+def test_invalid_inputs_name_the_setting():
+    current = round_robin_plan((1,), 7, 3)
+    with pytest.raises(ValueError, match="slots_per_worker=2 .* need at least 3"):
+        eplb_plan(PlannerInput(layer_load([1] * 7), 3, 2, EB))
+    with pytest.raises(ValueError, match=r"drain names workers \[5\]"):
+        migration_aware_plan(PlannerInput({}, 2, 4, EB, current=current, drain=frozenset({5})))
+    with pytest.raises(ValueError, match="num_workers=2 but 3 workers stay"):
+        migration_aware_plan(PlannerInput({}, 2, 4, EB, current=current))
+    with pytest.raises(ValueError, match=r"logical expert \(1, 9\)"):
+        migration_aware_plan(PlannerInput({(1, 9): 5}, 3, 4, EB, current=current))
+    with pytest.raises(ValueError, match="unknown placement policy 'lru'"):
+        plan("lru", PlannerInput({}, 3, 4, EB, current=current))
+
+
+def test_match_workers_renames_to_keep_replicas_in_place():
+    current = round_robin_plan((1,), 4, 2)  # w0 {0, 2}, w1 {1, 3}
+    load = layer_load([30, 40, 5, 5])
+    moved = eplb_plan(PlannerInput(load, 2, 2, EB, current=current))
+    # EPLB from scratch: 40 -> w0, 30 -> w1, 5 -> w1 (35), 5 -> w0 (w1 full): current's workers swapped
+    assert [experts_on(moved, 0), experts_on(moved, 1)] == [[1, 3], [0, 2]]
+    assert plan_change(current, moved, EB).bytes_moved == 4 * EB
+    renamed = match_workers(moved, current)
+    assert plan_change(current, renamed, EB).bytes_moved == 0
+    assert balancedness(renamed, load) == balancedness(moved, load)
+
+
+def zipf_load(rng: np.random.Generator, layers: int, experts: int) -> dict[tuple[int, int], int]:
+    popularity = 1.0 / np.arange(1, experts + 1)
+    load = {}
+    for l in range(layers):
+        counts = rng.multinomial(200 * experts, popularity / popularity.sum())
+        load.update({(l, int(e)): int(n) for e, n in zip(rng.permutation(experts), counts)})
+    return load
+
+
+@pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed-{s}")
+def test_random_cases_keep_every_invariant(seed):
+    rng = np.random.default_rng(seed)
+    layers, experts, workers = int(rng.integers(1, 4)), int(rng.integers(2, 12)), int(rng.integers(1, 6))
+    need = -(-layers * experts // workers)
+    slots = need + int(rng.integers(0, 4))
+    current = migration_aware_plan(PlannerInput(zipf_load(rng, layers, experts), workers, slots, EB))
+    # the next window: a new load, sometimes a worker drained and one added, sometimes one more worker
+    load = zipf_load(rng, layers, experts) if seed % 5 else {}
+    drain = frozenset({int(rng.integers(workers))}) if seed % 3 == 0 and workers > 1 else frozenset()
+    num_workers = workers + (1 if seed % 2 else 0) - len(drain) + (1 if drain and seed % 4 == 0 else 0)
+    need_now = -(-layers * experts // num_workers)
+    for weight in (0.0, 0.05, 5.0):
+        inp = PlannerInput(load, num_workers, max(slots, need_now), EB, current=current, drain=drain,
+                           migration_weight=weight)
+        ours, eplb = migration_aware_plan(inp), eplb_plan(inp)
+        check_valid(ours, inp)
+        check_valid(eplb, inp)
+        if weight == 0:  # with movement free, ours is at least as balanced as EPLB
+            assert balancedness(ours, load) >= balancedness(eplb, load) - 1e-12
+
+
+def test_weight_zero_beats_eplb_on_skewed_layers():
+    rng = np.random.default_rng(7)
+    load = zipf_load(rng, 3, 16)
+    current = round_robin_plan((0, 1, 2), 16, 4)
+    inp = PlannerInput(load, 4, 14, EB, current=current, migration_weight=0)
+    ours, eplb = migration_aware_plan(inp), eplb_plan(inp)
+    assert balancedness(eplb, load) > balancedness(current, load)
+    assert balancedness(ours, load) >= balancedness(eplb, load)

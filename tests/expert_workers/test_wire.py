@@ -1,0 +1,81 @@
+"""The fast data plane's wire format: a real ExpertServer on a Unix socket and on TCP loopback, no Ray."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from expert_workers.checkpoint import Checkpoint
+from expert_workers.experts import ExpertGroup
+from expert_workers.wire import ExpertServer, recv_response, send_request
+
+
+@pytest.fixture(scope="module")
+def group(tiny_model):
+    checkpoint = Checkpoint(tiny_model)
+    return ExpertGroup.load(checkpoint, {1: [0, 2, 5], 2: [1, 3]}, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(group):
+    server = ExpertServer(group.run, "127.0.0.1")
+    yield server
+    server.close()
+
+
+def _connect(server, kind):
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.unix_path)
+        return sock
+    return socket.create_connection(server.tcp_address)
+
+
+def _pairs(T, experts, K=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    token = torch.arange(T).repeat_interleave(K)  # [P]
+    expert = torch.tensor(experts)[torch.randint(0, len(experts), (T * K,), generator=g)]
+    weight = torch.rand(T * K, generator=g)
+    return token, expert, weight
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_round_trip_equals_local_compute(group, server, kind, dtype):
+    H = 64
+    hidden = torch.randn(7, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    token, expert, weight = _pairs(7, [0, 2, 5])
+    with _connect(server, kind) as sock:
+        for _ in range(3):  # several requests on one connection, answered in order
+            send_request(sock, 1, hidden, token, expert, weight)
+            out = recv_response(sock)
+    assert out.dtype == dtype and out.shape == (7, H)
+    expected = group.run(1, hidden.float(), token, expert, weight).to(dtype)
+    # the server computes in the request's dtype; fp32 is exact, bf16 within its rounding
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0 if dtype == torch.float32 else 2e-2,
+                               atol=0 if dtype == torch.float32 else 2e-2)
+
+
+def test_empty_and_large_batches(group, server):
+    H = 64
+    with _connect(server, "unix") as sock:
+        send_request(sock, 2, torch.zeros(0, H), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                     torch.zeros(0))
+        assert recv_response(sock).shape == (0, H)
+        hidden = torch.randn(2048, H)  # 512 KiB each way: several partial sends and receives
+        token, expert, weight = _pairs(2048, [1, 3], seed=3)
+        send_request(sock, 2, hidden, token, expert, weight)
+        torch.testing.assert_close(recv_response(sock), group.run(2, hidden, token, expert, weight), rtol=0, atol=0)
+
+
+def test_worker_error_is_reported_and_the_connection_keeps_serving(server):
+    H = 64
+    with _connect(server, "tcp") as sock:
+        token, expert, weight = torch.tensor([0]), torch.tensor([7]), torch.tensor([1.0])  # expert 7 not hosted
+        send_request(sock, 1, torch.randn(1, H), token, expert, weight)
+        with pytest.raises(RuntimeError, match=r"experts \[7\] are not hosted"):
+            recv_response(sock)
+        send_request(sock, 1, torch.randn(1, H), token, torch.tensor([2]), weight)
+        assert recv_response(sock).shape == (1, H)
