@@ -239,6 +239,7 @@ class Controller:
         decision = desired_workers(bounded, len(self.plan.workers), rate, self._scaling, time.monotonic())
         self._scaling = decision.state
         window = await self.load()
+        self.metrics.plan(self.plan)  # gauges set only on change would expire in Ray's exporter: refresh them
         self.metrics.load(balancedness(self.plan, window),
                           {str(w): t / s.load_window_seconds for w, t in worker_load(self.plan, window).items()})
         if decision.workers != len(self.plan.workers):
