@@ -4,6 +4,8 @@
     moe-serve generate --target HOST:PORT --prompt TEXT   stream a completion from a running cluster
     moe-serve generate [--model DIR] --prompt TEXT   offline, single-process engine
     moe-serve status --target HOST:PORT             placement and routing load
+    moe-serve rebalance --target HOST:PORT          re-plan replicas for the current load, live
+    moe-serve autoscaling --target HOST:PORT [...]  show or change the worker autoscaling policy
     moe-serve make-model --preset tiny DIR          write a random-weight checkpoint
     moe-serve bench engine ...                      engine vs transformers decode throughput
 """
@@ -108,7 +110,20 @@ def cmd_status(args) -> int:
     return print_status(args)
 
 
+def cmd_rebalance(args) -> int:
+    from cluster.client import rebalance
+
+    return rebalance(args)
+
+
+def cmd_autoscaling(args) -> int:
+    from cluster.client import autoscaling
+
+    return autoscaling(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cluster.client import add_connection_flags
     parser = argparse.ArgumentParser(prog="moe-serve", description="Elastic expert serving for MoE language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -132,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-prompt", help="once serving, stream this prompt's completion to the terminal")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens for --demo-prompt")
     p.set_defaults(func=cmd_serve)
+    from cluster.serve import add_security_flags
+
+    add_security_flags(p)
 
     p = sub.add_parser("generate", help="generate a completion (from a cluster with --target, else offline)")
     p.add_argument("--target", help="HOST:PORT of a router; without it the single-process engine runs here")
@@ -144,10 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+    add_connection_flags(p)
 
     p = sub.add_parser("status", help="placement plan and routing load of a running cluster")
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
     p.set_defaults(func=cmd_status)
+    add_connection_flags(p)
+
+    p = sub.add_parser("rebalance", help="re-plan replicas for the current routing load, live")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    p.add_argument("--reason", default="cli", help="recorded with the plan change")
+    p.set_defaults(func=cmd_rebalance)
+    add_connection_flags(p)
+
+    p = sub.add_parser("autoscaling", help="show the worker autoscaling policy, or change some of its fields")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    on_off = p.add_mutually_exclusive_group()
+    on_off.add_argument("--enable", action="store_const", const=True, default=None)
+    on_off.add_argument("--disable", dest="enable", action="store_const", const=False)
+    p.add_argument("--min-workers", type=int)
+    p.add_argument("--max-workers", type=int)
+    p.add_argument("--high-watermark", type=float, help="routed tokens per worker per second to scale out above")
+    p.add_argument("--low-watermark", type=float, help="routed tokens per worker per second to scale in below")
+    p.add_argument("--cooldown", type=float, help="seconds between two changes of the worker count")
+    p.set_defaults(func=cmd_autoscaling)
+    add_connection_flags(p)
 
     from cluster.bench import add_bench_parser
 

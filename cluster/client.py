@@ -119,19 +119,18 @@ def generate_remote(args) -> int:
 
 
 def _load_grid(load: admin_pb2.ExpertLoad) -> str:
-    """Tokens per (layer, expert) as a heat-map-like grid: one row per layer, one column per expert."""
+    """Per (layer, expert): load as a heat map (shade: tokens / hottest expert) and replicas as digits."""
     shades = " .:-=+*#%@"
     by_layer: dict[int, dict[int, tuple[int, int]]] = {}
     for e in load.experts:
         by_layer.setdefault(e.layer, {})[e.expert] = (e.tokens, e.replicas)
     peak = max((e.tokens for e in load.experts), default=0) or 1
-    lines = ["layer  load per expert (shade: tokens / hottest; digit: replicas when > 1)"]
+    width = max((len(experts) for experts in by_layer.values()), default=0)
+    lines = [f"layer  {'load (shade: tokens / hottest)':<{max(width, 32)}}  replicas per expert"]
     for layer, experts in sorted(by_layer.items()):
-        cells = []
-        for e in sorted(experts):
-            tokens, replicas = experts[e]
-            cells.append(str(replicas) if replicas > 1 else shades[min(9, tokens * 9 // peak)])
-        lines.append(f"{layer:>5}  {''.join(cells)}")
+        heat = "".join(shades[min(9, experts[e][0] * 9 // peak)] for e in sorted(experts))
+        replicas = "".join(str(min(experts[e][1], 9)) for e in sorted(experts))
+        lines.append(f"{layer:>5}  {heat:<{max(width, 32)}}  {replicas}")
     return "\n".join(lines)
 
 
@@ -158,4 +157,55 @@ def print_status(args) -> int:
         print(f"{w.actor_name:<18}{state:<10}{w.device[:13]:<14}{len(w.replicas):>9}{tokens.get(w.worker_id, 0):>10}")
     print()
     print(_load_grid(load))
+    return 0
+
+
+def _admin_call(args, call):
+    """Open the channel the flags describe, run `call(stub)`, print a gRPC error as one line."""
+    try:
+        channel = open_channel(args)
+    except SecurityConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    with channel:
+        try:
+            return call(admin_grpc.ClusterAdminStub(channel))
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return None
+
+
+def rebalance(args) -> int:
+    r = _admin_call(args, lambda stub: stub.Rebalance(admin_pb2.RebalanceRequest(reason=args.reason), timeout=600))
+    if r is None:
+        return 1
+    if r.new_plan_version == r.old_plan_version:
+        print(f"plan v{r.old_plan_version} kept: no better placement for the current load "
+              f"(balancedness {r.balancedness_before:.3f})")
+    else:
+        print(f"plan v{r.old_plan_version} -> v{r.new_plan_version}: balancedness {r.balancedness_before:.3f} -> "
+              f"{r.balancedness_after:.3f}, {r.bytes_moved / 2**20:.1f} MiB of expert weights moved")
+    return 0
+
+
+def autoscaling(args) -> int:
+    """Print the autoscaling policy; with any setting flag, change those fields first."""
+    def call(stub):
+        policy = stub.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), timeout=30)
+        changes = {"enabled": args.enable, "min_workers": args.min_workers, "max_workers": args.max_workers,
+                   "high_watermark_tokens_per_worker_per_second": args.high_watermark,
+                   "low_watermark_tokens_per_worker_per_second": args.low_watermark,
+                   "cooldown_seconds": args.cooldown}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        for field, value in changes.items():
+            setattr(policy, field, value)
+        return stub.SetAutoscalingPolicy(policy, timeout=30) if changes else policy
+
+    policy = _admin_call(args, call)
+    if policy is None:
+        return 1
+    print(f"autoscaling {'on' if policy.enabled else 'off'}: workers {policy.min_workers}..{policy.max_workers}, "
+          f"scale out above {policy.high_watermark_tokens_per_worker_per_second:g} and in below "
+          f"{policy.low_watermark_tokens_per_worker_per_second:g} routed tokens per worker per second, "
+          f"cooldown {policy.cooldown_seconds:g} s")
     return 0

@@ -22,9 +22,26 @@ log = logging.getLogger("moe-serve")
 STOP_TIMEOUT_SECONDS = 30.0  # beyond the grace period: the last responses go out, the servers stop
 
 
+def add_security_flags(p: argparse.ArgumentParser) -> None:
+    """`moe-serve serve` flags for the ClusterSettings security and drain fields (each also MOE_SERVE_<FIELD>)."""
+    g = p.add_argument_group("security and shutdown")
+    g.add_argument("--tls-cert", dest="tls_cert_file", metavar="FILE",
+                   help="PEM certificate chain: serve gRPC over TLS")
+    g.add_argument("--tls-key", dest="tls_key_file", metavar="FILE", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", dest="tls_client_ca_file", metavar="FILE",
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    g.add_argument("--auth-token-file", metavar="FILE",
+                   help="require 'authorization: Bearer <token>' (the file's content) on Generation and ClusterAdmin")
+    g.add_argument("--drain-grace-seconds", type=float, metavar="S",
+                   help="on SIGTERM, how long requests in flight may finish before they are cancelled (default 30)")
+
+
+SECURITY_FLAGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file", "drain_grace_seconds")
+
+
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     overrides = {"model": args.model, "num_workers": args.workers, "num_routers": args.routers, "port": args.port,
-                 "host": args.host}
+                 "host": args.host, **{k: getattr(args, k, None) for k in SECURITY_FLAGS}}
     if args.config:
         return ClusterSettings.from_file(args.config, **overrides)
     return ClusterSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -62,7 +62,8 @@ class ServerSecurity:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise SecurityConfigError("tls_cert_file and tls_key_file: set both (TLS) or neither (plaintext)")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise SecurityConfigError("tls_client_ca_file: mutual TLS needs the server's tls_cert_file and tls_key_file")
+            raise SecurityConfigError(
+                "tls_client_ca_file: mutual TLS needs the server's tls_cert_file and tls_key_file")
         if self.auth_token is not None and self.auth_token_file is not None:
             raise SecurityConfigError("auth_token and auth_token_file: set one of them, not both")
         if self.auth_token is not None and not self.auth_token.strip():
@@ -204,7 +205,8 @@ def client_channel(target: str, tls_ca_file: str | None = None, token: str | Non
     """
     if tls_ca_file is None:
         if tls_cert_file or tls_key_file:
-            raise SecurityConfigError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
+            raise SecurityConfigError(
+                "--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
         channel = grpc.insecure_channel(target, options=options)
         if token:  # call credentials need TLS; on plaintext the token goes as plain metadata
             host = target.rsplit(":", 1)[0].strip("[]")

@@ -232,12 +232,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        if handler.request_deserializer is not None:
-            handler = handler._replace(request_deserializer=_parse_or_malformed(handler.request_deserializer))
+        # Only for the unary-request kinds, whose wrappers turn an unparseable request into INVALID_ARGUMENT.
+        parse = _parse_or_malformed(handler.request_deserializer) if handler.request_deserializer else None
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, details.method))
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, details.method),
+                                    request_deserializer=parse)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, details.method))
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, details.method),
+                                    request_deserializer=parse)
         return handler
 
     async def _abort(self, context, err: Exception, method: str):

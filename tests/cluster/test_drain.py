@@ -8,6 +8,9 @@ and a separate cluster is exactly what an operator's `moe-serve serve` is: a dri
 must stop it. `local` (rather than no address) makes Ray start a new instance even when RAY_ADDRESS or a
 `ray start` cluster on this machine would otherwise be picked up. The process gets its own session, so a
 failed test can kill it and every Ray process it started as one process group.
+
+The process also requires a bearer token (MOE_SERVE_AUTH_TOKEN_FILE): that checks, at no extra start-up
+cost, that security settings reach the routers through the controller.
 """
 
 from __future__ import annotations
@@ -57,13 +60,13 @@ def wait_for(predicate, timeout: float, what: str):
     pytest.fail(f"not {what} after {timeout} s")
 
 
-def refused_as_draining(stub) -> None:
+def refused_as_draining(stub, metadata=None) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(ids_request(2), timeout=10)
+        stub.Generate(ids_request(2), timeout=10, metadata=metadata)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "draining" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.GenerateStream(ids_request(2), timeout=10))
+        list(stub.GenerateStream(ids_request(2), timeout=10, metadata=metadata))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
 
 
@@ -123,6 +126,8 @@ def test_drain_lets_short_requests_finish(local_server):
 GRACE_SECONDS = 25  # the in-flight streams need a few seconds; exit must come within this
 STREAM_TOKENS = 100
 START_TIMEOUT = 150  # Ray plus three actor processes on a busy two-core machine
+TOKEN = "drain-test-token"
+AUTH = [("authorization", f"Bearer {TOKEN}")]
 
 
 def free_port() -> int:
@@ -135,7 +140,10 @@ def free_port() -> int:
 def moe_serve(tiny_model, tmp_path):
     """`moe-serve serve` on the tiny model with one expert worker, on a free port; killed if still running."""
     port = free_port()
-    env = {**os.environ, "MOE_SERVE_DRAIN_GRACE_SECONDS": str(GRACE_SECONDS)}
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {**os.environ, "MOE_SERVE_DRAIN_GRACE_SECONDS": str(GRACE_SECONDS),
+           "MOE_SERVE_AUTH_TOKEN_FILE": str(token_file)}
     env.pop("RAY_ADDRESS", None)
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
@@ -167,7 +175,11 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
     with grpc.insecure_channel(target) as channel:
         stub = pb2_grpc.GenerationStub(channel)
         assert all(health(channel, s) == SERVING for s in [*SERVICES, "moeserve.v1.ClusterAdmin"])
-        calls = [stub.GenerateStream(ids_request(STREAM_TOKENS, first=5 + i), timeout=120) for i in range(3)]
+        with pytest.raises(grpc.RpcError) as info:  # the router got the token from the controller
+            stub.Generate(ids_request(2), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        calls = [stub.GenerateStream(ids_request(STREAM_TOKENS, first=5 + i), timeout=120, metadata=AUTH)
+                 for i in range(3)]
         heads = [next(c) for c in calls]  # all three are generating
 
         moe_serve.send_signal(signal.SIGTERM)
@@ -175,7 +187,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
         wait_for(lambda: all(health(channel, s) == NOT_SERVING
                              for s in [*SERVICES, "moeserve.v1.ClusterAdmin"]), 10, "NOT_SERVING")
         not_serving_after = time.monotonic() - signalled
-        refused_as_draining(stub)
+        refused_as_draining(stub, AUTH)
         for head, call in zip(heads, calls):
             messages = [head, *call]  # raises if the stream fails
             assert messages[-1].finish_reason == pb2.FINISH_REASON_LENGTH, log_tail(moe_serve)

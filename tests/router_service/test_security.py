@@ -100,8 +100,9 @@ def pki(tmp_path_factory) -> Pki:
     client = _cert("test client", client_key, "moe-serve test CA", ca_key, client=True)
     other_client = _cert("intruder", other_client_key, "someone else's CA", other_key, client=True)
     return Pki(_write(d / "ca.pem", ca), _write(d / "server.pem", server), _write(d / "server.key", server_key),
-               _write(d / "client.pem", client), _write(d / "client.key", client_key), _write(d / "other-ca.pem", other),
-               _write(d / "intruder.pem", other_client), _write(d / "intruder.key", other_client_key))
+               _write(d / "client.pem", client), _write(d / "client.key", client_key),
+               _write(d / "other-ca.pem", other), _write(d / "intruder.pem", other_client),
+               _write(d / "intruder.key", other_client_key))
 
 
 # --- servers -----------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.engine import EngineSettings
 
-SECONDS = float(os.environ.get("MOE_SERVE_SOAK_SECONDS", "12"))
+SECONDS = float(os.environ.get("MOE_SERVE_SOAK_SECONDS", "10"))
 CLIENTS = int(os.environ.get("MOE_SERVE_SOAK_CLIENTS", "24"))
 SEED = int(os.environ.get("MOE_SERVE_SOAK_SEED", str(random.randrange(2**31))))
-WARMUP_SECONDS = 3.0
+WARMUP_SECONDS = 2.0
 MAX_MODEL_LEN = 128
 MAX_NUM_SEQS = 8
 # Allocator noise only: glibc arenas and grpc buffers keep some freed memory. A leaked KV slot would not show
@@ -62,7 +62,7 @@ def server(local_server):
 
 
 def random_request(rng: random.Random) -> pb2.GenerateRequest:
-    s = pb2.SamplingParams(max_tokens=rng.randint(1, 48), ignore_eos=rng.random() < 0.5)
+    s = pb2.SamplingParams(max_tokens=rng.randint(1, 32), ignore_eos=rng.random() < 0.5)
     if rng.random() < 0.5:
         s.temperature = rng.choice([0.5, 0.8, 1.0, 1.5])
         s.top_k = rng.choice([0, 0, 5, 50])
