@@ -135,19 +135,11 @@ def _load_grid(load: admin_pb2.ExpertLoad) -> str:
 
 
 def print_status(args) -> int:
-    try:
-        channel = open_channel(args)
-    except SecurityConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with channel:
-        stub = admin_grpc.ClusterAdminStub(channel)
-        try:
-            placement = stub.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)
-            load = stub.GetExpertLoad(admin_pb2.GetExpertLoadRequest(), timeout=30)
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+    both = _admin_call(args, lambda stub: (stub.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30),
+                                           stub.GetExpertLoad(admin_pb2.GetExpertLoadRequest(), timeout=30)))
+    if both is None:
+        return 1
+    placement, load = both
     tokens = {w.worker_id: w.tokens for w in load.workers}
     print(f"plan version {placement.plan_version}   workers {len(placement.workers)}   "
           f"balancedness {load.balancedness:.3f} (mean/max tokens per worker, window {load.window_seconds:.0f} s)")
