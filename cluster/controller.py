@@ -134,7 +134,8 @@ class Controller:
             load = await self.load()
             target = num_workers or len(old.workers)
             drain = frozenset(w.worker_id for w in old.workers[target:]) if target < len(old.workers) else frozenset()
-            new = make_plan(self.settings.placement_policy, PlannerInput(
+            # The planner takes seconds at full scale: off the event loop, so admin calls keep answering.
+            new = await asyncio.to_thread(make_plan, self.settings.placement_policy, PlannerInput(
                 load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
                     len(self.spec.logical_experts) / target)),
                 expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
