@@ -17,7 +17,8 @@ transformers 5 keeps them in memory); every tensor draws from its own seeded
 generator keyed by its per-expert name, so both layouts hold the same numbers.
 
 Shape legend: V vocab, H hidden, D head dim, Q/N query/key-value heads,
-I dense or expert width, S shared-expert width, E routed experts.
+I dense or expert width, S shared-expert width, E routed experts;
+MLA: R kv_lora_rank, Rq q_lora_rank, Dn/Dr qk nope/rope head dim, Dv v_head_dim.
 """
 
 from __future__ import annotations
@@ -46,9 +47,23 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
 LAYOUTS = ("per_expert", "fused")
 INIT_STD = 0.02  # transformers' `initializer_range` default
+# DeepSeek-V3's e_score_correction_bias starts at zero in transformers; a trained one is not, and
+# at zero a bug that drops it would go unseen. Sigmoid scores of the tiny gates spread by ~0.2.
+SCORE_BIAS_STD = 0.1
 
 
 # --- presets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention dims of a DeepSeek-V2/V3 preset (config.json names)."""
+
+    kv_lora_rank: int  # R: the cached latent
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None  # None: one q_proj (DeepSeek-V2-Lite); else q_a_proj + q_b_proj
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,7 @@ class Preset:
     """The shape of a model, family-independent; `config()` spells it as the family's config.json."""
 
     name: str
-    model_type: str  # "deepseek" | "mixtral" | "qwen2_moe"
+    model_type: str  # "deepseek" | "deepseek_v2" | "deepseek_v3" | "mixtral" | "qwen2_moe"
     tokenizer: str  # key of TOKENIZERS
     vocab_size: int  # covers every id the tokenizer can emit, added tokens included
     hidden_size: int
@@ -75,6 +90,11 @@ class Preset:
     rms_norm_eps: float = 1e-6
     dtype: str = "bfloat16"
     description: str = ""
+    # DeepSeek-V2/V3 only:
+    mla: MLAShape | None = None  # multi-head latent attention (required by those families)
+    n_group: int = 1  # > 1: group-limited routing over this many expert groups
+    topk_group: int = 1  # groups each token picks experts from
+    routed_scaling_factor: float = 1.0
 
     def config(self) -> dict[str, Any]:
         """config.json fields (bos/eos ids are added by `make_model` from the tokenizer)."""
@@ -87,6 +107,8 @@ class Preset:
             max_position_embeddings=self.max_position_embeddings, rope_theta=self.rope_theta,
             rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=False, dtype=self.dtype,
         )
+        if self.mla is not None and self.model_type not in _MLA_FAMILIES:
+            raise ConfigError(f"preset '{self.name}': field 'mla' is only for {sorted(_MLA_FAMILIES)}")
         # An unknown model_type still yields a config, so that spec parsing reports it by field.
         return {**base, **(family(self) if family else {})}
 
@@ -99,6 +121,25 @@ def _deepseek_config(p: Preset) -> dict[str, Any]:
                 moe_intermediate_size=p.expert_intermediate_size, n_shared_experts=p.num_shared_experts,
                 first_k_dense_replace=p.first_dense, moe_layer_freq=1, scoring_func="softmax",
                 attention_bias=False)
+
+
+def _mla_config(p: Preset) -> dict[str, Any]:
+    if p.mla is None:
+        raise ConfigError(f"preset '{p.name}': field 'mla' is required for {p.model_type}")
+    return dict(dataclasses.asdict(p.mla), n_routed_experts=p.num_experts,
+                moe_intermediate_size=p.expert_intermediate_size, n_shared_experts=p.num_shared_experts,
+                first_k_dense_replace=p.first_dense, moe_layer_freq=1, n_group=p.n_group,
+                topk_group=p.topk_group, routed_scaling_factor=p.routed_scaling_factor, attention_bias=False)
+
+
+def _deepseek_v2_config(p: Preset) -> dict[str, Any]:
+    method = "group_limited_greedy" if p.n_group > 1 else "greedy"
+    return dict(_mla_config(p), architectures=["DeepseekV2ForCausalLM"], topk_method=method, scoring_func="softmax")
+
+
+def _deepseek_v3_config(p: Preset) -> dict[str, Any]:
+    return dict(_mla_config(p), architectures=["DeepseekV3ForCausalLM"], topk_method="noaux_tc",
+                scoring_func="sigmoid", rope_interleave=True)
 
 
 def _mixtral_config(p: Preset) -> dict[str, Any]:
@@ -119,8 +160,10 @@ def _qwen2_moe_config(p: Preset) -> dict[str, Any]:
 
 
 _FAMILY_CONFIG: dict[str, Callable[[Preset], dict[str, Any]]] = {
-    "deepseek": _deepseek_config, "mixtral": _mixtral_config, "qwen2_moe": _qwen2_moe_config,
+    "deepseek": _deepseek_config, "deepseek_v2": _deepseek_v2_config, "deepseek_v3": _deepseek_v3_config,
+    "mixtral": _mixtral_config, "qwen2_moe": _qwen2_moe_config,
 }
+_MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3"})
 
 DEEPSEEK_V3_VOCAB = 129280  # ids 0..129279: 128000 BPE tokens plus 1280 added/special ones
 MIXTRAL_VOCAB = 32000
@@ -142,6 +185,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                                          "num_shared_experts": 0, "first_dense": 0},
            description="Mixtral structure in miniature"),
     Preset("qwen2-moe-tiny", "qwen2_moe", **_TINY, description="Qwen2-MoE structure in miniature"),
+    # DeepSeek-V2's shape in miniature: no query compression (as V2-Lite), 2 shared experts, softmax
+    # routing limited to the best 2 of 4 expert groups (group score = best expert). top-3 > 2 groups,
+    # as V2's top-6 of 3 groups: with top_k <= topk_group, max-scored groups never change the choice.
+    Preset("deepseek-v2-tiny", "deepseek_v2", **{**_TINY, "top_k": 3},
+           mla=MLAShape(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+           n_group=4, topk_group=2,
+           description="DeepSeek-V2 structure in miniature: MLA without q_lora_rank, group-limited greedy routing"),
+    # DeepSeek-V3's: compressed query, 1 shared expert, sigmoid scores plus a choice bias, best 2 of 4
+    # groups by their top-2 sum, renormalised weights times 2.5.
+    Preset("deepseek-v3-tiny", "deepseek_v3", **{**_TINY, "num_shared_experts": 1, "norm_topk_prob": True},
+           mla=MLAShape(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=48),
+           n_group=4, topk_group=2, routed_scaling_factor=2.5,
+           description="DeepSeek-V3 structure in miniature: MLA with q_lora_rank, sigmoid routing with "
+                       "e_score_correction_bias and expert groups"),
 ]}
 
 
@@ -279,11 +336,14 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
         p = names.layer(i)
         yield _Planned(f"{p}.input_layernorm.weight", (H,), None)
         yield _Planned(f"{p}.post_attention_layernorm.weight", (H,), None)
-        for proj, rows in (("q_proj", Q * D), ("k_proj", N * D), ("v_proj", N * D)):
-            yield _Planned(f"{p}.self_attn.{proj}.weight", (rows, H), INIT_STD)
-            if spec.attention_bias:  # non-zero (unlike real init) so that a dropped bias shows
-                yield _Planned(f"{p}.self_attn.{proj}.bias", (rows,), INIT_STD)
-        yield _Planned(f"{p}.self_attn.o_proj.weight", (H, Q * D), INIT_STD)
+        if spec.mla is not None:
+            yield from _mla_attention(spec, f"{p}.self_attn")
+        else:
+            for proj, rows in (("q_proj", Q * D), ("k_proj", N * D), ("v_proj", N * D)):
+                yield _Planned(f"{p}.self_attn.{proj}.weight", (rows, H), INIT_STD)
+                if spec.attention_bias:  # non-zero (unlike real init) so that a dropped bias shows
+                    yield _Planned(f"{p}.self_attn.{proj}.bias", (rows,), INIT_STD)
+            yield _Planned(f"{p}.self_attn.o_proj.weight", (H, Q * D), INIT_STD)
         if not spec.is_moe_layer(i):
             yield from _ffn(_llama_mlp(f"{p}.mlp"), H, spec.intermediate_size)
             continue
@@ -291,6 +351,8 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
         # Logits x.W with x of RMS 1 after the norm have std sqrt(H)*std; H**-0.5 gives ~1,
         # so routing is skewed like a trained gate's rather than uniform.
         yield _Planned(names.router_gates(i)[0], (moe.num_experts, H), H**-0.5)
+        if moe.score_correction_bias:
+            yield _Planned(names.router_score_biases(i)[0], (moe.num_experts,), SCORE_BIAS_STD)
         yield from _experts(spec, i, layout)
         if moe.shared_intermediate_size:
             shared = _llama_mlp(f"{names.moe(i)}.{names.shared_prefix}")
@@ -300,6 +362,22 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
     yield _Planned("model.norm.weight", (H,), None)
     if not spec.tie_word_embeddings:
         yield _Planned("lm_head.weight", (V, H), INIT_STD)
+
+
+def _mla_attention(spec: ModelSpec, attn: str) -> Iterator[_Planned]:
+    """DeepSeek-V2/V3 multi-head latent attention projections (names as their checkpoints have them)."""
+    m, H, Q = spec.mla, spec.hidden_size, spec.num_heads
+    R, Dr = m.kv_lora_rank, m.qk_rope_head_dim
+    if m.q_lora_rank is None:
+        yield _Planned(f"{attn}.q_proj.weight", (Q * m.qk_head_dim, H), INIT_STD)
+    else:
+        yield _Planned(f"{attn}.q_a_proj.weight", (m.q_lora_rank, H), INIT_STD)
+        yield _Planned(f"{attn}.q_a_layernorm.weight", (m.q_lora_rank,), None)
+        yield _Planned(f"{attn}.q_b_proj.weight", (Q * m.qk_head_dim, m.q_lora_rank), INIT_STD)
+    yield _Planned(f"{attn}.kv_a_proj_with_mqa.weight", (R + Dr, H), INIT_STD)
+    yield _Planned(f"{attn}.kv_a_layernorm.weight", (R,), None)
+    yield _Planned(f"{attn}.kv_b_proj.weight", (Q * (m.qk_nope_head_dim + m.v_head_dim), R), INIT_STD)
+    yield _Planned(f"{attn}.o_proj.weight", (H, Q * m.v_head_dim), INIT_STD)
 
 
 def _ffn(names: tuple[str, str, str], H: int, I: int) -> Iterator[_Planned]:

@@ -134,8 +134,7 @@ class Engine:
         self.settings = settings
         self.max_model_len = max_model_len
         spec = model.spec
-        self.kv = KVCache(spec.num_layers, num_slots, spec.num_kv_heads, max_model_len, spec.head_dim,
-                          model.dtype, model.device)
+        self.kv = KVCache.for_spec(spec, num_slots, max_model_len, model.dtype, model.device)
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -361,8 +360,7 @@ def load_engine(model_dir: str | Path, settings: EngineSettings | None = None,
     if settings.max_model_len is not None and settings.max_model_len > limit:
         raise ValueError(f"max_model_len {settings.max_model_len} exceeds the model's context of {limit}")
     max_model_len = settings.max_model_len or min(limit, 4096)
-    per_slot = KVCache.bytes_per_slot(spec.num_layers, spec.num_kv_heads, max_model_len, spec.head_dim,
-                                      torch.empty((), dtype=dtype).element_size())
+    per_slot = KVCache.slot_bytes(spec, max_model_len, torch.empty((), dtype=dtype).element_size())
     slots = settings.max_num_seqs
     if settings.kv_cache_bytes is not None:
         slots = min(slots, settings.kv_cache_bytes // per_slot)

@@ -6,14 +6,22 @@ pass runs on a flat batch of tokens from many sequences (continuous batching):
 everything but attention is per token; attention batches all single-token
 (decode) sequences together and runs each prefill chunk on its own.
 
+Attention is Llama-style (MHA/GQA: keys and values cached per kv head) or
+DeepSeek's multi-head latent attention (MLA, `spec.mla`: the cache holds one
+compressed latent plus a shared rope key per token; each step up-projects the
+cached latents of the attended positions into per-head keys and values with
+`kv_b_proj`, the simple form rather than absorbing `kv_b_proj` into the query).
+
 Shape legend:
     T tokens in the step      S sequences in the step   B decode sequences
     H hidden                  Q query heads             N kv heads        D head dim
-    E routed experts          K experts per token       V vocabulary
+    E routed experts          K experts per token       V vocabulary      G expert groups
+    MLA: R kv_lora_rank, Dn / Dr qk nope / rope head dim, Dv v_head_dim, L attended positions
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +30,7 @@ from tqdm.auto import tqdm
 
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import swiglu
-from expert_workers.spec import ModelSpec
+from expert_workers.spec import MoESpec, ModelSpec
 from router_service.dispatch import ExpertDispatcher
 from router_service.kv_cache import KVCache
 from router_service.profiling import StepProfile
@@ -92,19 +100,111 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def rope_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] of the rotated dims, and the factor on cos and sin (YaRN's attention factor).
+
+    D is `spec.rope_dim` (MLA: only the Dr rope part of each head rotates). With YaRN the
+    frequencies are blended as transformers' `_compute_yarn_parameters` does.
+    """
+    D, base = spec.rope_dim, spec.rope_theta
+    yarn = spec.rope_scaling
+    if yarn is None:
+        return 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)), 1.0
+    pos_freqs = base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)  # [D/2]
+
+    def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+        return D * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(yarn.beta_fast), dim_of(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 interpolate
+    keep = 1 - ramp
+    inv_freq = 1.0 / (yarn.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq, yarn.attention_factor
+
+
+def deinterleave_rope(weight: torch.Tensor, head_width: int, rope: int) -> torch.Tensor:
+    """Reorder the rotated rows of each head from interleaved pairs to halves.
+
+    weight [heads * head_width, in], whose last `rope` rows per head hold pairs (x0, x1), (x2, x3), ..;
+    returns the rows with those reordered to x0, x2, .., x1, x3, .. . DeepSeek rotates interleaved
+    pairs; permuting q's and k's rows alike at load leaves every q.k product unchanged and lets
+    the one rotate-half rope below serve both layouts.
+    """
+    nope = head_width - rope
+    order = torch.cat([torch.arange(nope), nope + torch.arange(0, rope, 2), nope + torch.arange(1, rope, 2)])
+    return weight.view(-1, head_width, weight.shape[-1])[:, order].reshape(weight.shape)
+
+
+def limit_to_groups(choice: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+    """Choice scores [T, E] with every expert outside each token's `topk_group` best groups set to -inf.
+
+    Experts form `n_group` contiguous groups; a group's score is its best choice score
+    ("max", DeepSeek-V2's group_limited_greedy) or the sum of its best two ("top2_sum", DeepSeek-V3).
+    """
+    T, E = choice.shape
+    grouped = choice.view(T, moe.n_group, E // moe.n_group)  # [T, G, E/G]
+    if moe.group_score == "max":
+        group_scores = grouped.max(dim=-1).values  # [T, G]
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    kept = torch.topk(group_scores, moe.topk_group, dim=-1).indices  # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)  # [T, G]
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+
+
+@dataclass
+class MLAWeights:
+    """One layer's multi-head latent attention projections (rope rows already de-interleaved)."""
+
+    q: torch.Tensor | None  # q_proj [Q * (Dn + Dr), H]; None when the query is compressed
+    q_a: torch.Tensor | None  # q_a_proj [Rq, H]
+    q_a_norm: torch.Tensor | None  # q_a_layernorm [Rq]
+    q_b: torch.Tensor | None  # q_b_proj [Q * (Dn + Dr), Rq]
+    kv_a: torch.Tensor  # kv_a_proj_with_mqa [R + Dr, H]
+    kv_a_norm: torch.Tensor  # kv_a_layernorm [R]
+    kv_b: torch.Tensor  # kv_b_proj [Q * (Dn + Dv), R]
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
     post_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Q + 2N) * D, H]: q, k, v projections fused into one matmul
+    qkv: torch.Tensor | None  # [(Q + 2N) * D, H]: q, k, v projections fused into one matmul; None for MLA
     qkv_bias: torch.Tensor | None  # [(Q + 2N) * D]
-    o: torch.Tensor  # [H, Q * D]
+    o: torch.Tensor  # [H, Q * D]; MLA: [H, Q * Dv]
+    mla: MLAWeights | None = None
     mlp_gate_up: torch.Tensor | None = None  # dense layer: [2I, H]
     mlp_down: torch.Tensor | None = None  # dense layer: [H, I]
     router: torch.Tensor | None = None  # MoE layer: gate [E, H], fp32
+    router_score_bias: torch.Tensor | None = None  # [E] fp32, DeepSeek-V3's e_score_correction_bias
     shared_gate_up: torch.Tensor | None = None  # [2I_s, H]
     shared_down: torch.Tensor | None = None  # [H, I_s]
     shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
+
+
+def _read_mla(spec: ModelSpec, attn: str, read) -> MLAWeights:
+    """One layer's MLA projections; interleaved rope rows are reordered to halves (see deinterleave_rope)."""
+    mla, H, Q = spec.mla, spec.hidden_size, spec.num_heads
+    R, Dr, Dq = mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_head_dim
+    fix = (lambda w, width: deinterleave_rope(w, width, Dr)) if mla.rope_interleave else (lambda w, width: w)
+    q = q_a = q_a_norm = q_b = None
+    if mla.q_lora_rank is None:
+        q = fix(read(f"{attn}.q_proj.weight", (Q * Dq, H)), Dq)
+    else:
+        Rq = mla.q_lora_rank
+        q_a, q_a_norm = read(f"{attn}.q_a_proj.weight", (Rq, H)), read(f"{attn}.q_a_layernorm.weight", (Rq,))
+        q_b = fix(read(f"{attn}.q_b_proj.weight", (Q * Dq, Rq)), Dq)
+    return MLAWeights(
+        q=q, q_a=q_a, q_a_norm=q_a_norm, q_b=q_b,
+        kv_a=fix(read(f"{attn}.kv_a_proj_with_mqa.weight", (R + Dr, H)), R + Dr),
+        kv_a_norm=read(f"{attn}.kv_a_layernorm.weight", (R,)),
+        kv_b=read(f"{attn}.kv_b_proj.weight", (Q * (mla.qk_nope_head_dim + mla.v_head_dim), R)),
+    )
 
 
 class CausalLM:
@@ -123,12 +223,14 @@ class CausalLM:
         self.routing_bias: torch.Tensor | None = None  # [E] added to gate logits (skewed-load demos)
         self.dtype = embed.dtype
         self.device = embed.device
-        D = spec.head_dim
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))  # [D/2]
+        inv_freq, scale = rope_frequencies(spec)  # [D/2]
         angles = torch.outer(torch.arange(max_model_len, dtype=torch.float32), inv_freq)  # [M, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [M, D]
-        self.cos = angles.cos().to(self.dtype).to(self.device)
-        self.sin = angles.sin().to(self.dtype).to(self.device)
+        cos, sin = angles.cos(), angles.sin()
+        if scale != 1.0:  # YaRN's attention factor
+            cos, sin = cos * scale, sin * scale
+        self.cos = cos.to(self.dtype).to(self.device)
+        self.sin = sin.to(self.dtype).to(self.device)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, dispatcher: ExpertDispatcher, dtype: torch.dtype,
@@ -145,22 +247,28 @@ class CausalLM:
         for i in tqdm(range(spec.num_layers), desc="loading router weights", unit="layer", delay=2.0):
             p = spec.names.layer(i)
             attn = f"{p}.self_attn"
-            qkv = torch.cat([read(f"{attn}.q_proj.weight", (Q * D, H)), read(f"{attn}.k_proj.weight", (N * D, H)),
-                             read(f"{attn}.v_proj.weight", (N * D, H))])
-            bias = None
-            if spec.attention_bias:
-                bias = torch.cat([read(f"{attn}.q_proj.bias", (Q * D,)), read(f"{attn}.k_proj.bias", (N * D,)),
-                                  read(f"{attn}.v_proj.bias", (N * D,))])
-            lw = LayerWeights(
-                input_norm=read(f"{p}.input_layernorm.weight", (H,)),
-                post_norm=read(f"{p}.post_attention_layernorm.weight", (H,)),
-                qkv=qkv, qkv_bias=bias, o=read(f"{attn}.o_proj.weight", (H, Q * D)),
-            )
+            norms = dict(input_norm=read(f"{p}.input_layernorm.weight", (H,)),
+                         post_norm=read(f"{p}.post_attention_layernorm.weight", (H,)))
+            if spec.mla is not None:
+                lw = LayerWeights(**norms, qkv=None, qkv_bias=None, mla=_read_mla(spec, attn, read),
+                                  o=read(f"{attn}.o_proj.weight", (H, Q * spec.mla.v_head_dim)))
+            else:
+                qkv = torch.cat([read(f"{attn}.q_proj.weight", (Q * D, H)), read(f"{attn}.k_proj.weight", (N * D, H)),
+                                 read(f"{attn}.v_proj.weight", (N * D, H))])
+                bias = None
+                if spec.attention_bias:
+                    bias = torch.cat([read(f"{attn}.q_proj.bias", (Q * D,)), read(f"{attn}.k_proj.bias", (N * D,)),
+                                      read(f"{attn}.v_proj.bias", (N * D,))])
+                lw = LayerWeights(**norms, qkv=qkv, qkv_bias=bias, o=read(f"{attn}.o_proj.weight", (H, Q * D)))
             if spec.is_moe_layer(i):
                 moe, names = spec.moe, spec.names
                 gates = names.router_gates(i)
                 gate = next((g for g in gates if g in checkpoint), gates[0])
                 lw.router = read(gate, (moe.num_experts, H), torch.float32)
+                if moe.score_correction_bias:
+                    biases = names.router_score_biases(i)
+                    bias_name = next((b for b in biases if b in checkpoint), biases[0])
+                    lw.router_score_bias = read(bias_name, (moe.num_experts,), torch.float32)
                 if moe.shared_intermediate_size:
                     s, Is = f"{names.moe(i)}.{names.shared_prefix}", moe.shared_intermediate_size
                     lw.shared_gate_up = torch.cat([read(f"{s}.gate_proj.weight", (Is, H)),
@@ -207,6 +315,12 @@ class CausalLM:
         spec = self.spec
         Q, N, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
         T = h.shape[0]
+        if lw.mla is not None:
+            q, entry = self._mla_project(lw.mla, h, cos, sin)  # [T, Q, Dn + Dr], [T, 1, R + Dr]
+            kv.write(layer, batch.slots, batch.positions, entry)
+            out = self._attend(q, layer, batch, kv, lambda keys, _: self._mla_expand(lw.mla, keys),
+                               dict(scale=spec.mla.softmax_scale), spec.mla.v_head_dim)  # [T, Q, Dv]
+            return F.linear(out.view(T, Q * spec.mla.v_head_dim), lw.o)  # [T, H]
         qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [T, (Q + 2N) * D]
         q, k, v = qkv.split([Q * D, N * D, N * D], dim=-1)
         q = q.view(T, Q, D)
@@ -214,24 +328,59 @@ class CausalLM:
         q = q * cos + rotate_half(q) * sin  # [T, Q, D]
         k = k * cos + rotate_half(k) * sin  # [T, N, D]
         kv.write(layer, batch.slots, batch.positions, k, v.view(T, N, D))
-        gqa = Q != N
-        out = torch.empty_like(q)  # [T, Q, D]
+        out = self._attend(q, layer, batch, kv, lambda keys, values: (keys, values), dict(enable_gqa=Q != N), D)
+        return F.linear(out.view(T, Q * D), lw.o)  # [T, H]
+
+    def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, kv: KVCache, expand, sdpa: dict,
+                value_dim: int) -> torch.Tensor:
+        """Attention of every query row over its sequence's cached positions: [T, Q, value_dim].
+
+        `expand(cached keys, cached values)` turns what the cache holds for B sequences into
+        keys [B, N, L, D] and values [B, N, L, value_dim].
+        """
+        out = q.new_empty(q.shape[0], q.shape[1], value_dim)  # [T, Q, value_dim]
         if batch.decode_rows is not None:
-            keys, values = kv.read(layer, batch.decode_slots, batch.decode_len)  # [B, N, len, D]
+            keys, values = expand(*kv.read(layer, batch.decode_slots, batch.decode_len))  # [B, N, len, D]
             qd = q[batch.decode_rows].unsqueeze(2)  # [B, Q, 1, D]
-            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, **sdpa)
             out[batch.decode_rows] = o.squeeze(2)
         for row, c in batch.prefill:
-            keys, values = kv.read(layer, [c.slot], c.start + c.n)  # [1, N, start+n, D]
+            keys, values = expand(*kv.read(layer, [c.slot], c.start + c.n))  # [1, N, start+n, D]
             qp = q[row : row + c.n].transpose(0, 1).unsqueeze(0)  # [1, Q, n, D]
             if c.start == 0:
-                o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, **sdpa)
             else:  # a later chunk of a prompt: query i sees keys up to start + i
-                qpos = torch.arange(c.start, c.start + c.n, device=h.device)
-                mask = torch.arange(c.start + c.n, device=h.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, enable_gqa=gqa)
+                qpos = torch.arange(c.start, c.start + c.n, device=q.device)
+                mask = torch.arange(c.start + c.n, device=q.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, **sdpa)
             out[row : row + c.n] = o[0].transpose(0, 1)
-        return F.linear(out.view(T, Q * D), lw.o)  # [T, H]
+        return out
+
+    def _mla_project(self, w: MLAWeights, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [T, Q, Dn + Dr] and the cache entries latent ‖ rope key [T, 1, R + Dr] of this step's tokens."""
+        mla, eps = self.spec.mla, self.spec.rms_norm_eps
+        T, Q, R, Dn = h.shape[0], self.spec.num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim
+        if w.q is not None:
+            q = F.linear(h, w.q)  # [T, Q * (Dn + Dr)]
+        else:
+            q = F.linear(rms_norm(F.linear(h, w.q_a), w.q_a_norm, eps), w.q_b)  # [T, Rq] -> [T, Q * (Dn + Dr)]
+        q = q.view(T, Q, mla.qk_head_dim)
+        q_nope, q_rope = q.split([Dn, mla.qk_rope_head_dim], dim=-1)
+        q_rope = q_rope * cos + rotate_half(q_rope) * sin  # [T, Q, Dr]
+        latent, k_rope = F.linear(h, w.kv_a).split([R, mla.qk_rope_head_dim], dim=-1)  # [T, R], [T, Dr]
+        latent = rms_norm(latent, w.kv_a_norm, eps)
+        k_rope = k_rope * cos[:, 0] + rotate_half(k_rope) * sin[:, 0]  # [T, Dr]
+        return torch.cat([q_nope, q_rope], dim=-1), torch.cat([latent, k_rope], dim=-1).unsqueeze(1)
+
+    def _mla_expand(self, w: MLAWeights, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached latent ‖ rope key [B, 1, L, R + Dr] -> keys [B, Q, L, Dn + Dr] and values [B, Q, L, Dv]."""
+        mla, Q = self.spec.mla, self.spec.num_heads
+        B, _, L, _ = entries.shape
+        latent, k_rope = entries[:, 0].split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)  # [B, L, R], [B, L, Dr]
+        kv = F.linear(latent, w.kv_b).view(B, L, Q, -1).transpose(1, 2)  # [B, Q, L, Dn + Dv]
+        k_nope, values = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, Q, L, mla.qk_rope_head_dim)], dim=-1)
+        return keys, values
 
     def set_routing_bias(self, bias: dict[int, float]) -> None:
         E = self.spec.moe.num_experts
@@ -243,13 +392,20 @@ class CausalLM:
             self.routing_bias[e] = b
 
     def route(self, lw: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate: top-k experts per token and their weights, [T, K] each."""
+        """The gate: top-k experts per token and their weights, [T, K] each (see MoESpec)."""
         moe = self.spec.moe
         logits = F.linear(h.float(), lw.router)  # [T, E], fp32 as the references do
         if self.routing_bias is not None:
             logits = logits + self.routing_bias
-        scores = logits.softmax(dim=-1)
-        weights, ids = torch.topk(scores, moe.top_k, dim=-1)  # [T, K]
+        scores = logits.softmax(dim=-1) if moe.scoring_func == "softmax" else logits.sigmoid()  # [T, E]
+        if moe.n_group == 1 and lw.router_score_bias is None:  # plain top-k on the scores
+            weights, ids = torch.topk(scores, moe.top_k, dim=-1)  # [T, K]
+        else:  # choose by biased and/or group-limited scores, weight by the plain scores
+            choice = scores if lw.router_score_bias is None else scores + lw.router_score_bias  # [T, E]
+            if moe.n_group > 1:
+                choice = limit_to_groups(choice, moe)
+            ids = torch.topk(choice, moe.top_k, dim=-1).indices  # [T, K]
+            weights = scores.gather(1, ids)  # [T, K]
         if moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if moe.routed_scaling_factor != 1.0:
