@@ -28,7 +28,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.autoscaler import AutoscalingPolicy, ScalingState, desired_workers
-from cluster.planner import PlannerInput, balancedness, initial_plan, plan_change, worker_load, worker_name
+from cluster.planner import (PlannerInput, balancedness, expert_groups, initial_plan, plan_change, worker_load,
+                             worker_name)
 from cluster.planner import plan as make_plan
 from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
 from expert_workers.spec import load_spec
@@ -139,7 +140,7 @@ class Controller:
                 load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
                     len(self.spec.logical_experts) / target)),
                 expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
-                drain=drain))
+                drain=drain, groups=expert_groups(self.spec)))
             record = {"reason": reason, "old_version": old.version, "new_version": new.version,
                       "balancedness_before": balancedness(old, load), "balancedness_after": balancedness(new, load),
                       "bytes_moved": 0, "workers_before": len(old.workers), "workers_after": len(new.workers),

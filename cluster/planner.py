@@ -21,6 +21,14 @@ Packing 45, 45, 20, 20, 15, 15 heaviest first gives worker 0 experts {0, 2, 1} a
 80 tokens each, balancedness 1.0, and 2 replicas moved (expert 1 onto worker 0, expert 0 onto worker 1),
 so bytes moved = 2 * expert_bytes.
 
+Expert groups (DeepSeek-V2/V3 group-limited routing): a layer's E experts form n_group contiguous groups
+(expert e is in group e // (E / n_group)) and a token picks its top-k experts inside its best topk_group
+groups only. The router sends one dispatch message per worker a token's experts sit on, so a plan that
+keeps each group on few workers sends fewer: `workers_visited_per_token` measures it. `initial_plan`
+lays groups out whole where it can (`grouped_plan`), and with `PlannerInput.groups` set the
+migration-aware planner also pays `group_weight` per extra worker a group spreads over (see
+migration_aware_plan for the trade-off against balancedness).
+
 Policies (PLANNERS) take a PlannerInput and return a plan:
   eplb             the published EPLB policy, planned from scratch (ignores weight movement).
   migration_aware  ours: starts from the current plan and trades balancedness against bytes moved.
@@ -44,6 +52,12 @@ Logical = tuple[int, int]  # (layer, expert)
 # balancedness 0.997-0.998 against EPLB's 0.994 for 0.21x its bytes moved. On seed 0, 0.01 gives
 # 0.9985 for 0.28x; 0.1 only ties EPLB (0.9935) for 0.13x.
 DEFAULT_MIGRATION_WEIGHT = 0.03
+# With PlannerInput.groups: balancedness one extra worker per group, for every logical expert, is
+# worth (see migration_aware_plan). On `moe-serve bench placement`'s group trace (8 layers x 64 experts
+# in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 5.13 workers visited per token
+# against 5.83 without groups, planned balancedness 0.9972 against 0.9981; 0.1: 4.97 for 0.9959;
+# 0.3: 4.96 for 0.9916.
+DEFAULT_GROUP_WEIGHT = 0.03
 
 
 def worker_name(worker_id: int) -> str:
@@ -62,16 +76,84 @@ def round_robin_plan(moe_layers: tuple[int, ...], num_experts: int, num_workers:
     return PlacementPlan(version, num_experts, tuple(moe_layers), workers)
 
 
+def grouped_plan(moe_layers: tuple[int, ...], num_experts: int, num_groups: int, num_workers: int,
+                 version: int = 1) -> PlacementPlan:
+    """Load-agnostic plan for group-limited routing: each worker gets one contiguous run of every layer's
+    experts, so expert groups (contiguous, DeepSeek's layout) stay whole wherever the run boundaries allow.
+
+    Each worker gets exactly as many experts of each layer as round_robin_plan gives it (so the same
+    slots suffice and a uniform load is balanced the same), and the runs are dealt in round-robin order
+    starting at the worker round-robin would give the layer's expert 0. No divisibility rule: a group is
+    split where workers outnumber groups or a run boundary falls inside it. Worked example, 8 experts in
+    4 groups {0,1} {2,3} {4,5} {6,7}, one layer, 3 workers: round-robin counts are 3, 3, 2, so worker 0
+    gets {0,1,2}, worker 1 {3,4,5}, worker 2 {6,7}; groups 0, 2 and 3 are whole, group 1 is split.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"{num_experts} experts do not split into {num_groups} equal groups")
+    E, W = num_experts, num_workers
+    replicas: list[list[Logical]] = [[] for _ in range(W)]
+    for li, layer in enumerate(moe_layers):
+        first = li * E % W  # round-robin gives this worker the layer's expert 0
+        counts = [sum(1 for e in range(E) if (first + e) % W == w) for w in range(W)]
+        e = 0
+        for step in range(W):
+            w = (first + step) % W
+            replicas[w].extend((layer, x) for x in range(e, e + counts[w]))
+            e += counts[w]
+    workers = tuple(WorkerPlacement(w, worker_name(w), tuple(r)) for w, r in enumerate(replicas))
+    return PlacementPlan(version, num_experts, tuple(moe_layers), workers)
+
+
 def initial_plan(spec: ModelSpec, num_workers: int, version: int = 1) -> PlacementPlan:
     """Load-agnostic start: logical experts dealt round-robin, one replica each.
 
     Dealing in layer-major order spreads every layer over all workers, so any
     counts of experts and workers work (no divisibility rule): with 8 experts
-    on 3 workers, worker 0 gets experts 0, 3, 6 of the first layer.
+    on 3 workers, worker 0 gets experts 0, 3, 6 of the first layer. A model with
+    group-limited routing (spec.moe.n_group > 1) gets grouped_plan instead:
+    the same number of experts per worker and layer, in contiguous runs that keep
+    expert groups whole where they fit.
     """
     if spec.moe is None:
         raise ValueError(f"model_type {spec.model_type!r} has no MoE layers: nothing to place on expert workers")
+    if spec.moe.n_group > 1:
+        return grouped_plan(spec.moe_layers, spec.moe.num_experts, spec.moe.n_group, num_workers, version)
     return round_robin_plan(spec.moe_layers, spec.moe.num_experts, num_workers, version)
+
+
+def expert_groups(spec: ModelSpec) -> int | None:
+    """PlannerInput.groups for a model: its n_group when routing is group-limited, else None."""
+    return spec.moe.n_group if spec.moe is not None and spec.moe.n_group > 1 else None
+
+
+def workers_visited_per_token(plan: PlacementPlan, routed) -> float:
+    """Mean number of distinct workers a token's routed experts sit on, per (token, MoE layer).
+
+    routed: [(layer, expert ids of one token)]. As the router dispatches (ReplicaTable.assign), the
+    n-th pair routed to a logical expert with R replicas goes to its (n mod R)-th replica, counting
+    pairs in the order given. Worked example: one layer of 4 experts; plan w0 {0, 1}, w1 {2, 3};
+    tokens picking (0, 1) and (1, 2) visit 1 and 2 workers: 1.5.
+    """
+    hosts: dict[Logical, list[int]] = {}
+    for w in plan.workers:
+        for r in w.replicas:
+            hosts.setdefault(r, []).append(w.worker_id)
+    seen: dict[Logical, int] = {}
+    total, n = 0, 0
+    for layer, experts in routed:
+        visited = set()
+        for e in experts:
+            ws = hosts.get((layer, int(e)))
+            if not ws:
+                raise ValueError(f"logical expert {(layer, int(e))} has no replica in plan v{plan.version}")
+            i = seen.get((layer, int(e)), 0)
+            seen[(layer, int(e))] = i + 1
+            visited.add(ws[i % len(ws)])
+        total += len(visited)
+        n += 1
+    return total / n if n else 0.0
 
 
 # --- inputs and reports ----------------------------------------------------------------------------
@@ -88,6 +170,10 @@ class PlannerInput:
     current: PlacementPlan | None = None
     migration_weight: float = DEFAULT_MIGRATION_WEIGHT  # balancedness one full move of all experts is worth; 0 = EPLB
     drain: frozenset[int] = frozenset()  # worker ids to empty; they leave the new plan
+    # Expert groups per layer (contiguous, DeepSeek's layout) for group-limited routing; None = ignore
+    # groups (the planners then behave exactly as without this field).
+    groups: int | None = None
+    group_weight: float = DEFAULT_GROUP_WEIGHT  # J paid per extra worker a group spans, per logical expert
 
 
 @dataclass(frozen=True)
@@ -157,6 +243,8 @@ class _Problem:
     slots: int
     orig: np.ndarray  # [L, E, W] the current plan's replicas on the workers that stay
     current: PlacementPlan | None
+    groups: int | None = None  # expert groups per layer, or None to ignore groups
+    group_weight: float = 0.0
 
     @classmethod
     def of(cls, inp: PlannerInput) -> "_Problem":
@@ -179,6 +267,10 @@ class _Problem:
             raise ValueError(f"num_workers must be >= 1, got {inp.num_workers}")
         if inp.migration_weight < 0:
             raise ValueError(f"migration_weight must be >= 0, got {inp.migration_weight}")
+        if inp.groups is not None and (inp.groups < 1 or E % inp.groups):
+            raise ValueError(f"groups={inp.groups} does not split {E} experts into equal contiguous groups")
+        if inp.group_weight < 0:
+            raise ValueError(f"group_weight must be >= 0, got {inp.group_weight}")
         need = -(-load.size // inp.num_workers)
         if inp.slots_per_worker < need:
             raise ValueError(f"slots_per_worker={inp.slots_per_worker} cannot hold {load.size} logical experts on "
@@ -193,7 +285,8 @@ class _Problem:
         first_new = max(ids, default=-1) + 1  # fresh ids: an actor name is never reused
         worker_ids = [w.worker_id for w in kept] + list(range(first_new, first_new + inp.num_workers - len(kept)))
         orig = _hosts(cur, worker_ids) if cur is not None else np.zeros((len(layers), E, len(worker_ids)), dtype=bool)
-        return cls(tuple(layers), E, load, worker_ids, inp.slots_per_worker, orig, cur)
+        return cls(tuple(layers), E, load, worker_ids, inp.slots_per_worker, orig, cur, inp.groups,
+                   inp.group_weight if inp.groups is not None else 0.0)
 
     def to_plan(self, H: np.ndarray) -> PlacementPlan:
         """The plan for H; the current plan itself when nothing changed (same version: nothing to roll out)."""
@@ -205,8 +298,33 @@ class _Problem:
         return PlacementPlan(cur.version + 1 if cur else 1, self.num_experts, self.moe_layers, workers)
 
     def objective(self, H: np.ndarray, k: float) -> float:
-        """balancedness - k * replicas moved (k = migration_weight / logical experts)."""
-        return _balancedness(_worker_tokens(H, self.load)) - k * float((H & ~self.orig).sum())
+        """balancedness - k * replicas moved (k = migration_weight / logical experts), and with groups
+        - group_weight / logical experts * (workers each group spans - 1, summed over layers and groups)."""
+        J = _balancedness(_worker_tokens(H, self.load)) - k * float((H & ~self.orig).sum())
+        if self.groups is not None:
+            J -= self.group_k * float(group_spread(H, self.groups))
+        return J
+
+    @property
+    def group_k(self) -> float:
+        return self.group_weight / self.load.size if self.groups is not None else 0.0
+
+
+def _group_hosts(H: np.ndarray, groups: int) -> np.ndarray:
+    """[L, G, W] replicas of each expert group on each worker."""
+    L, E, W = H.shape
+    return H.reshape(L, groups, E // groups, W).sum(2)
+
+
+def group_spread(H: np.ndarray, groups: int) -> int:
+    """Extra workers expert groups span: sum over layers and groups of (workers hosting the group - 1)."""
+    GH = _group_hosts(H, groups)
+    return int((GH > 0).sum() - GH.shape[0] * GH.shape[1])
+
+
+def plan_group_spread(plan: PlacementPlan, groups: int) -> int:
+    """group_spread of a plan: 0 when every group of every layer sits on one worker."""
+    return group_spread(_hosts(plan, [w.worker_id for w in plan.workers]), groups)
 
 
 def _worker_tokens(H: np.ndarray, load: np.ndarray) -> np.ndarray:
@@ -319,6 +437,14 @@ def migration_aware_plan(inp: PlannerInput) -> PlacementPlan:
     least as balanced as EPLB, and a large migration_weight keeps the current plan.
 
     bytes_moved / bytes of all logical experts = replicas moved / logical experts: expert_bytes cancels.
+
+    With `inp.groups` (group-limited routing), J also subtracts group_weight / logical experts for every
+    extra worker an expert group's replicas span (group_spread). The trade-off: a group kept on one
+    worker means a token that picks it sends one dispatch message there instead of several, but it also
+    ties the group's experts' loads together, so a hot group can only be relieved by replicating or
+    moving whole groups' worth of experts; the planner accepts a lower balancedness when the messages it
+    saves are worth more. group_weight 0 (or groups None) plans as without groups; with groups None the
+    search is exactly the group-oblivious one.
     """
     p = _Problem.of(inp)
     H = _forced(p)
@@ -387,7 +513,7 @@ def _improve(p: _Problem, H: np.ndarray, k: float) -> np.ndarray:
     J = p.objective(H, k)
     given_up = np.zeros(L, dtype=bool)  # layers where no chain helps; a move that touches one re-arms it
     for _ in range(4 * H.size):  # a safety net only
-        if moves := _best_moves(H, p.load, cost, p.slots, k):
+        if moves := _best_moves(H, p.load, cost, p.slots, k, groups=p.groups, gk=p.group_k):
             touched = _apply_batch(H, moves, p.slots)
             J = p.objective(H, k)
             given_up[touched] = False
@@ -398,7 +524,8 @@ def _improve(p: _Problem, H: np.ndarray, k: float) -> np.ndarray:
             untie[l] = relieve[l]
             trial_J = J
             for _ in range(2 * int(untie[l].sum())):
-                if not (move := _best_moves(trial, p.load, cost, p.slots, k, untie, only=l)):
+                if not (move := _best_moves(trial, p.load, cost, p.slots, k, untie, only=l, groups=p.groups,
+                                            gk=p.group_k)):
                     break
                 _apply(trial, move[0][2])
                 touched += [index[0] for index, _ in move[0][2]]
@@ -467,7 +594,7 @@ def _max_without(M: np.ndarray) -> np.ndarray:
     return np.where(np.arange(M.shape[-1]) == M.argmax(-1)[..., None], second, top[..., -1:])
 
 
-def _best_moves(H, load, cost, slots, k, untie=None, only=None):
+def _best_moves(H, load, cost, slots, k, untie=None, only=None, groups=None, gk=0.0):
     """Per layer (or in layer `only`), the move that raises J most: [(dJ, layer, [(H index, new value)])],
     best first; layers where no move raises J are left out.
 
@@ -479,7 +606,8 @@ def _best_moves(H, load, cost, slots, k, untie=None, only=None):
     Move and add go only to a worker with few enough replicas of the layer (see `roomy`). A move into
     a full worker first evicts the spare replica that costs least, from another layer, so that the
     effects on the two layers add up exactly. Workers marked in `untie` [L, W] count as relieved: the
-    gain is the one the rest of a chain of moves would realise (see _improve).
+    gain is the one the rest of a chain of moves would realise (see _improve). With `groups`, every
+    move also pays gk per worker it adds to an expert group's span (and gains gk per worker it takes off).
     """
     L, E, W = H.shape
     lay, wrk = np.arange(L), np.arange(W)
@@ -513,17 +641,32 @@ def _best_moves(H, load, cost, slots, k, untie=None, only=None):
     ev_ok = (ev_l != lay[:, None]) & np.isfinite(ev_score[ev_l, wrk])
     room_rise = np.where(full, np.where(ev_ok, rise[ev_l, ev_e[ev_l, wrk], wrk], np.inf), 0.0)  # [L, W]
     room_dm = np.where(full & ev_ok, -cost[ev_l, ev_e[ev_l, wrk], wrk], 0.0)
+    # Expert groups: change in the workers a group spans. new_w [L, E, W]: x's group is not on w yet;
+    # alone_h [L, E]: x is its group's only replica on h; room_ds [L, W]: the eviction empties its group.
+    if groups is not None:
+        gx = np.arange(E) // (E // groups)
+        GH = _group_hosts(H, groups)  # [L, G, W]
+        new_w = (GH[:, gx, :] == 0).astype(float)
+        alone_h = (GH[lay[:, None], gx[None, :], h[:, None]] == 1).astype(float)
+        room_ds = np.where(full & ev_ok, -(GH[ev_l, gx[ev_e[ev_l, wrk]], wrk] == 1).astype(float), 0.0)
+    else:
+        GH = new_w = alone_h = room_ds = np.zeros((L, 1, 1))
 
     # From here on only the layers searched: the same names, indexed by position in `ls`.
     ls = lay if only is None else np.array([only])
-    H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise, room_rise, room_dm = (
+    (H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise, room_rise, room_dm,
+     GH, new_w, alone_h, room_ds) = (
         v[ls] for v in (H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise,
-                        room_rise, room_dm))
+                        room_rise, room_dm, GH, new_w, alone_h, room_ds))
     L, lay = len(ls), np.arange(len(ls))
 
-    def dJ(after, dm, room=True):  # after: the layer's new max; dm: change in replicas moved
+    def dJ(after, dm, room=True, ds=None):  # after: the layer's new max; dm: change in replicas moved;
+        # ds: change in the workers expert groups span (only with groups)
         g = mx.reshape((L,) + (1,) * (after.ndim - 1)) - after - (room_rise[:, None, :] if room else 0)
-        return Tm / (S - g) - Tm / S - k * (dm + (room_dm[:, None, :] if room else 0))
+        out = Tm / (S - g) - Tm / S - k * (dm + (room_dm[:, None, :] if room else 0))
+        if groups is not None:
+            out = out - gk * (ds + (room_ds[:, None, :] if room else 0))
+        return out
 
     # A move or add never gives a worker more than ceil(R / W) + 1 replicas of one layer (R: the layer's
     # replicas). The experts that turn hot next are mostly cold now, so a worker piled with one layer's
@@ -534,15 +677,16 @@ def _best_moves(H, load, cost, slots, k, untie=None, only=None):
     cand = []  # (dJ, kind)
     # move x from h to w: [L, E, W]
     after = np.maximum(np.maximum(rest[:, None, :], (mx[:, None] - a)[:, :, None]), wl[:, None, :] + a[:, :, None])
-    cand.append((np.where(on_h[:, :, None] & ~H & roomy, dJ(after, cost - refund_h[:, :, None]), -np.inf), "move"))
+    cand.append((np.where(on_h[:, :, None] & ~H & roomy,
+                          dJ(after, cost - refund_h[:, :, None], ds=new_w - alone_h[:, :, None]), -np.inf), "move"))
     # add a replica of x (on h) on w: x's hosts each lose a share, w gains one: [L, E, W]
     D = np.where(H, wl[:, None, :] - (load / (c * (c + 1)))[:, :, None], wl_o[:, None, :])
     after = np.maximum(_max_without(D), wl[:, None, :] + (load / (c + 1))[:, :, None])
-    cand.append((np.where(on_h[:, :, None] & ~H & roomy, dJ(after, cost), -np.inf), "add"))
+    cand.append((np.where(on_h[:, :, None] & ~H & roomy, dJ(after, cost, ds=new_w), -np.inf), "add"))
     # remove x's replica on h: [L, E]
     Rm = np.where(H, wl[:, None, :] + spare_rise[:, :, None], wl_o[:, None, :])
     Rm[lay[:, None], np.arange(E), h[:, None]] = mx[:, None] - a
-    cand.append((np.where(on_h & spare, dJ(Rm.max(2), -refund_h, room=False), -np.inf), "remove"))
+    cand.append((np.where(on_h & spare, dJ(Rm.max(2), -refund_h, room=False, ds=-alone_h), -np.inf), "remove"))
     # swap x on h with a replica y on w, y of the same layer and not on h: [L, K, R] over the K replicas
     # on h and the R replicas of the layer's other experts
     K = int(on_h.sum(1).max())
@@ -561,7 +705,14 @@ def _best_moves(H, load, cost, slots, k, untie=None, only=None):
     dm = x_to_w + y_to_h - np.take_along_axis(refund_h, xs, 1)[:, :, None]
     ok = np.take_along_axis(on_h, xs, 1)[:, :, None] & Yok[:, None, :] & ~H[l3, xs[:, :, None], Yw[:, None, :]]
     g = mx[:, None, None] - after
-    cand.append((np.where(ok, Tm / (S - g) - Tm / S - k * dm, -np.inf), "swap"))
+    swap_dj = Tm / (S - g) - Tm / S - k * dm
+    if groups is not None:  # x's group gains w and may lose h; y's gains h and may lose w; same group: 0
+        gxx, gyy = gx[xs], gx[Ye]  # [L, K], [L, R]
+        ds = ((GH[l3, gxx[:, :, None], Yw[:, None, :]] == 0).astype(float)
+              - (GH[l2, gxx, h[:, None]] == 1)[:, :, None] + (GH[l2, gyy, h[:, None]] == 0)[:, None, :]
+              - (GH[l2, gyy, Yw] == 1)[:, None, :])
+        swap_dj = swap_dj - gk * np.where(gxx[:, :, None] == gyy[:, None, :], 0.0, ds)
+    cand.append((np.where(ok, swap_dj, -np.inf), "swap"))
 
     best = np.stack([dj.reshape(L, -1).max(1) for dj, _ in cand])  # [kinds, L]
     out = []

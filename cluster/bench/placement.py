@@ -8,6 +8,12 @@ plan was made from ("planned"), on the next window, which the plan actually serv
 split into steady windows and those right after a hot-set rotation, which no plan foresees), and
 bytes moved; also the bytes EPLB would move if its workers were renamed to match the previous
 plan (EPLB itself does not), which separates worker renaming from real savings.
+
+Then a group-limited trace (DeepSeek-V3's routing scaled down: by default 64 experts in 8 groups, each
+token takes its top-8 experts inside its best 3 groups by top-2 sum): the migration-aware planner with
+and without PlannerInput.groups, from the group-aware initial plan and from round-robin by expert, at
+the same slots and migration weight. Reported: workers visited per token (dispatch messages per token
+per MoE layer) and balancedness on the window each plan serves.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from cluster.bench.common import machine, print_table, write_json
-from cluster.planner import (DEFAULT_MIGRATION_WEIGHT, PlannerInput, balancedness, eplb_plan, match_workers,
-                             migration_aware_plan, plan_change, round_robin_plan)
+from cluster.planner import (DEFAULT_GROUP_WEIGHT, DEFAULT_MIGRATION_WEIGHT, PlannerInput, balancedness, eplb_plan,
+                             grouped_plan, match_workers, migration_aware_plan, plan_change, plan_group_spread,
+                             round_robin_plan, workers_visited_per_token)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--migration-weight", type=float, default=DEFAULT_MIGRATION_WEIGHT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results/placement.json", help="JSON path; the PNG plot goes next to it")
+    g = p.add_argument_group("group-limited trace (DeepSeek-V2/V3 routing)")
+    g.add_argument("--group-trace", choices=("also", "only", "off"), default="also",
+                   help="run the group-limited trace after the Zipf one, instead of it, or not at all")
+    g.add_argument("--group-layers", type=int, default=8, help="MoE layers")
+    g.add_argument("--group-experts", type=int, default=64, help="routed experts per MoE layer (V3: 256)")
+    g.add_argument("--n-group", type=int, default=8, help="expert groups per layer (V3: 8)")
+    g.add_argument("--topk-group", type=int, default=3, help="groups a token picks experts from (V3: 4)")
+    g.add_argument("--group-top-k", type=int, default=8, help="experts per token (V3: 8)")
+    g.add_argument("--group-workers", type=int, default=8)
+    g.add_argument("--group-windows", type=int, default=8)
+    g.add_argument("--group-tokens", type=int, default=1024, help="tokens per window")
+    g.add_argument("--group-weight", type=float, default=DEFAULT_GROUP_WEIGHT)
 
 
 def zipf_trace(args: argparse.Namespace) -> list[dict[tuple[int, int], int]]:
@@ -63,7 +82,122 @@ def zipf_trace(args: argparse.Namespace) -> list[dict[tuple[int, int], int]]:
     return trace
 
 
+def group_trace(args: argparse.Namespace) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """Per window, every token's routed experts per MoE layer: [(layer, expert ids)].
+
+    Scores are log Zipf popularity (over a random expert order per layer) plus Gumbel noise, so a
+    token's experts follow popularity; groups are ranked by the sum of their top-2 scores (V3), and a
+    token takes its top-k experts inside its best topk_group groups. The hot experts trade places with
+    cooler ones every --shift-every windows, as in the Zipf trace."""
+    rng = np.random.default_rng(args.seed + 1)
+    E, G, T = args.group_experts, args.n_group, args.group_tokens
+    popularity = 1.0 / np.arange(1, E + 1) ** args.zipf
+    ranking = [rng.permutation(E) for _ in range(args.group_layers)]
+    hot = min(args.hot, E // 2)
+    trace = []
+    for t in range(args.group_windows):
+        if t and t % args.shift_every == 0:
+            for perm in ranking:
+                for r in range(hot):
+                    j = rng.integers(hot, E)
+                    perm[[r, j]] = perm[[j, r]]
+        routed = []
+        for l, perm in enumerate(ranking):
+            log_pop = np.empty(E)
+            log_pop[perm] = np.log(popularity)  # expert perm[r] has rank r
+            scores = log_pop + rng.gumbel(size=(T, E))  # [T, E]
+            grouped = scores.reshape(T, G, E // G)
+            group_score = np.sort(grouped, -1)[:, :, -2:].sum(-1)  # [T, G]
+            keep = np.argsort(-group_score, 1, kind="stable")[:, :args.topk_group]
+            mask = np.zeros((T, G), dtype=bool)
+            np.put_along_axis(mask, keep, True, 1)
+            masked = np.where(np.repeat(mask, E // G, 1), scores, -np.inf)
+            picks = np.argsort(-masked, 1, kind="stable")[:, :args.group_top_k]
+            routed.append([(l + 1, tuple(int(e) for e in row)) for row in picks])
+        trace.append([pair for pairs in zip(*routed) for pair in pairs])  # token-major
+    return trace
+
+
+def run_groups(args: argparse.Namespace) -> dict:
+    """Group-aware against group-oblivious placement on the group-limited trace; returns the JSON part."""
+    L, E, G, W = args.group_layers, args.group_experts, args.n_group, args.group_workers
+    layers = tuple(range(1, L + 1))
+    slots = math.ceil(1.11 * L * E / W)
+    trace = group_trace(args)
+    loads = []
+    for routed in trace:
+        load: dict[tuple[int, int], int] = {}
+        for layer, experts in routed:
+            for e in experts:
+                load[(layer, e)] = load.get((layer, e), 0) + 1
+        loads.append(load)
+    starts = {"oblivious": round_robin_plan(layers, E, W), "aware": grouped_plan(layers, E, G, W)}
+    groups = {"oblivious": None, "aware": G}
+    current = dict(starts)
+    windows = []
+    for t, load in enumerate(loads):
+        row: dict = {"window": t}
+        for name in ("oblivious", "aware"):
+            if t == 0:  # the initial plans, never rebalanced, serve the first window
+                row[f"unplaced_visited_{name}"] = workers_visited_per_token(starts[name], trace[0])
+                row[f"unplaced_balancedness_{name}"] = balancedness(starts[name], load)
+            began = time.perf_counter()
+            new = migration_aware_plan(PlannerInput(
+                load, W, slots, args.expert_bytes, current=current[name], migration_weight=args.migration_weight,
+                groups=groups[name], group_weight=args.group_weight))
+            row[f"planner_ms_{name}"] = 1e3 * (time.perf_counter() - began)
+            row[f"replicas_moved_{name}"] = plan_change(current[name], new, 1).bytes_moved
+            row[f"group_spread_{name}"] = plan_group_spread(new, G)
+            row[f"balancedness_{name}"] = balancedness(new, load)
+            if t + 1 < len(loads):
+                row[f"served_{name}"] = balancedness(new, loads[t + 1])
+                row[f"visited_{name}"] = workers_visited_per_token(new, trace[t + 1])
+            current[name] = new
+        windows.append(row)
+        nan = float("nan")
+        print(f"group window {t:2d}: workers visited / token oblivious {row.get('visited_oblivious', nan):.2f} "
+              f"aware {row.get('visited_aware', nan):.2f}; balancedness oblivious "
+              f"{row['balancedness_oblivious']:.3f} aware {row['balancedness_aware']:.3f}", flush=True)
+
+    def mean(key):
+        vals = [w[key] for w in windows if w.get(key) is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    summary = {f"{m}_{n}": mean(f"{m}_{n}") for n in ("oblivious", "aware")
+               for m in ("visited", "served", "balancedness", "replicas_moved", "group_spread", "planner_ms")}
+    for n in ("oblivious", "aware"):
+        summary[f"unplaced_visited_{n}"] = windows[0][f"unplaced_visited_{n}"]
+        summary[f"unplaced_balancedness_{n}"] = windows[0][f"unplaced_balancedness_{n}"]
+    summary["visited_ratio"] = summary["visited_aware"] / summary["visited_oblivious"]
+    print(f"\ngroup-limited trace: {L} MoE layers x {E} experts in {G} groups, top-{args.group_top_k} within the "
+          f"best {args.topk_group} groups, {W} workers x {slots} slots, {args.group_windows} windows of "
+          f"{args.group_tokens} tokens, migration_weight {args.migration_weight}, group_weight {args.group_weight}; "
+          f"means over windows, served = on the next window")
+    gb = args.expert_bytes / 1e9
+    table = print_table(
+        ["placement", "workers visited / token", "balancedness served", "balancedness planned",
+         "GB moved / window", "group spread"],
+        [["round-robin by expert, never moved", f"{summary['unplaced_visited_oblivious']:.3f}",
+          f"{summary['unplaced_balancedness_oblivious']:.4f}", "", 0.0, plan_group_spread(starts['oblivious'], G)],
+         ["grouped initial plan, never moved", f"{summary['unplaced_visited_aware']:.3f}",
+          f"{summary['unplaced_balancedness_aware']:.4f}", "", 0.0, plan_group_spread(starts['aware'], G)],
+         ["migration_aware, group-oblivious", f"{summary['visited_oblivious']:.3f}",
+          f"{summary['served_oblivious']:.4f}",
+          f"{summary['balancedness_oblivious']:.4f}", summary["replicas_moved_oblivious"] * gb,
+          f"{summary['group_spread_oblivious']:.1f}"],
+         ["migration_aware, group-aware", f"{summary['visited_aware']:.3f}", f"{summary['served_aware']:.4f}",
+          f"{summary['balancedness_aware']:.4f}", summary["replicas_moved_aware"] * gb,
+          f"{summary['group_spread_aware']:.1f}"]])
+    print(f"workers visited per token, group-aware / group-oblivious: {summary['visited_ratio']:.3f}")
+    return {"summary": summary, "windows": windows, "table": table, "slots": slots}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.group_trace == "only":
+        groups = run_groups(args)
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
+        write_json(args.out, {"suite": "placement", "machine": machine(), "settings": settings, "groups": groups})
+        return 0
     args.slots = args.slots or math.ceil(1.11 * args.layers * args.experts / args.workers)
     trace = zipf_trace(args)
     start = round_robin_plan(tuple(range(1, args.layers + 1)), args.experts, args.workers)
@@ -128,8 +262,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"bytes moved ours / eplb: {summary['bytes_moved_ratio']:.3f}; "
           f"target (balancedness >= eplb, bytes <= 0.5x) {'met' if summary['target_met'] else 'NOT met'}")
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}  # not the CLI's func
+    groups = run_groups(args) if args.group_trace == "also" else None
     out = write_json(args.out, {"suite": "placement", "machine": machine(), "settings": settings,
-                                "summary": summary, "windows": windows, "table": table})
+                                "summary": summary, "windows": windows, "table": table, "groups": groups})
     _plot(windows, gb, out.with_suffix(".png"))
     return 0
 

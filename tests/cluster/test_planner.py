@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, match_workers, migration_aware_plan,
-                             plan, plan_change, round_robin_plan, worker_load)
+from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, expert_groups, grouped_plan,
+                             initial_plan, match_workers, migration_aware_plan, plan, plan_change, plan_group_spread,
+                             round_robin_plan, worker_load, workers_visited_per_token)
+from router_service.placement import PlacementPlan, WorkerPlacement
 
 EB = 1000  # expert_bytes in these tests
 
@@ -216,3 +218,132 @@ def test_weight_zero_beats_eplb_on_skewed_layers():
     ours, eplb = migration_aware_plan(inp), eplb_plan(inp)
     assert balancedness(eplb, load) > balancedness(current, load)
     assert balancedness(ours, load) >= balancedness(eplb, load)
+
+
+# --- expert groups (DeepSeek-V2/V3 group-limited routing) ------------------------------------------
+
+
+def test_grouped_plan_keeps_groups_whole_when_workers_divide_groups():
+    # 8 experts in 4 groups {0,1} {2,3} {4,5} {6,7} on 2 workers: runs of 4, so two whole groups each
+    p = grouped_plan((1, 2), 8, 4, 2)
+    assert [experts_on(p, w) for w in range(2)] == [[0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6, 7, 7]]
+    assert plan_group_spread(p, 4) == 0
+    assert plan_group_spread(round_robin_plan((1, 2), 8, 2), 4) == 8  # every group on both workers
+
+
+def test_grouped_plan_without_divisibility():
+    # 2 layers x 8 experts in 4 groups on 3 workers; per layer each worker gets round-robin's count:
+    # layer 1 starts at worker 0 (3, 3, 2 experts): w0 {0,1,2} w1 {3,4,5} w2 {6,7}
+    # layer 2 starts at worker 8 % 3 = 2 (w2 3, w0 3, w1 2): w2 {0,1,2} w0 {3,4,5} w1 {6,7}
+    p = grouped_plan((1, 2), 8, 4, 3)
+    hosted = [sorted(w.replicas) for w in p.workers]
+    assert hosted == [[(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)],
+                      [(1, 3), (1, 4), (1, 5), (2, 6), (2, 7)],
+                      [(1, 6), (1, 7), (2, 0), (2, 1), (2, 2)]]
+    # the same replicas per worker as round-robin by expert (6, 5, 5): the same slots suffice
+    rr = round_robin_plan((1, 2), 8, 3)
+    assert [len(w.replicas) for w in p.workers] == [len(w.replicas) for w in rr.workers] == [6, 5, 5]
+    # groups 0, 2, 3 whole in layer 1, and 1 split (2 on w0, 3 on w1); likewise in layer 2: spread 2
+    assert plan_group_spread(p, 4) == 2
+    p.validate()
+
+
+def test_grouped_plan_splits_groups_when_workers_outnumber_them():
+    # 4 experts in 2 groups on 4 workers: one expert each, every group on 2 workers
+    p = grouped_plan((0,), 4, 2, 4)
+    assert [experts_on(p, w) for w in range(4)] == [[0], [1], [2], [3]]
+    assert plan_group_spread(p, 2) == 2
+    with pytest.raises(ValueError, match="equal groups"):
+        grouped_plan((0,), 8, 3, 2)
+
+
+def _spec(n_group: int):
+    from types import SimpleNamespace
+
+    from expert_workers.spec import MoESpec
+
+    moe = MoESpec(num_experts=8, top_k=3, expert_intermediate_size=32, norm_topk_prob=False, n_group=n_group,
+                  topk_group=2 if n_group > 1 else 1)
+    return SimpleNamespace(model_type="deepseek_v2", moe=moe, moe_layers=(1, 2))
+
+
+def test_initial_plan_is_grouped_for_group_limited_routing():
+    assert initial_plan(_spec(4), 2) == grouped_plan((1, 2), 8, 4, 2)
+    assert initial_plan(_spec(1), 2) == round_robin_plan((1, 2), 8, 2)  # no groups: unchanged
+    assert expert_groups(_spec(4)) == 4 and expert_groups(_spec(1)) is None
+
+
+# One layer of 8 experts in 4 groups, topk_group 2, top-3: each token's experts lie in 2 groups.
+GROUP_ROUTED = [(1, (0, 1, 2)),  # groups 0, 1
+                (1, (0, 1, 4)),  # groups 0, 2
+                (1, (4, 5, 6)),  # groups 2, 3
+                (1, (2, 3, 7))]  # groups 1, 3
+
+
+def test_workers_visited_per_token_hand_computed():
+    # round-robin by expert: w0 even experts, w1 odd; every token has both parities: 2 workers each
+    assert workers_visited_per_token(round_robin_plan((1,), 8, 2), GROUP_ROUTED) == 2.0
+    # grouped: w0 {0..3} (groups 0, 1), w1 {4..7} (groups 2, 3): tokens visit 1, 2, 1, 2 workers
+    assert workers_visited_per_token(grouped_plan((1,), 8, 4, 2), GROUP_ROUTED) == 1.5
+    assert workers_visited_per_token(grouped_plan((1,), 8, 4, 2), []) == 0.0
+
+
+def test_workers_visited_follows_dispatch_over_replicas():
+    # expert 1 on both workers: its n-th pair goes to replica n mod 2 (w0, then w1), as ReplicaTable.assign
+    p = PlacementPlan(1, 2, (1,), (WorkerPlacement(0, "expert-worker-0", ((1, 0), (1, 1))),
+                                   WorkerPlacement(1, "expert-worker-1", ((1, 1),))))
+    assert workers_visited_per_token(p, [(1, (0, 1)), (1, (0, 1))]) == 1.5  # {w0}, then {w0, w1}
+    with pytest.raises(ValueError, match="no replica"):
+        workers_visited_per_token(round_robin_plan((1,), 2, 2), [(1, (5,))])
+
+
+def test_migration_aware_pulls_groups_together_when_worth_the_moves():
+    # 4 experts in groups {0,1} {2,3}, uniform load: round-robin w0 {0, 2}, w1 {1, 3} is balanced (1.0)
+    # but every group spans both workers (spread 2). Swapping experts 2 and 1 keeps balancedness 1.0,
+    # moves 2 replicas (-2 * 0.03 / 4) and takes 2 off the spread (+2 * 0.1 / 4): J rises by 0.035.
+    current = round_robin_plan((1,), 4, 2)
+    load = layer_load([10, 10, 10, 10])
+    oblivious = migration_aware_plan(PlannerInput(load, 2, 2, EB, current=current))
+    assert oblivious is current  # nothing to gain without groups
+    inp = PlannerInput(load, 2, 2, EB, current=current, groups=2, group_weight=0.1)
+    aware = migration_aware_plan(inp)
+    check_valid(aware, inp)
+    assert plan_group_spread(aware, 2) == 0 and balancedness(aware, load) == 1.0
+    assert plan_change(current, aware, EB).replicas_moved == 2
+    # a group weight below the migration weight does not pay for the moves
+    assert migration_aware_plan(PlannerInput(load, 2, 2, EB, current=current, groups=2, group_weight=0.02)) is current
+
+
+def test_groups_none_plans_exactly_as_before():
+    rng = np.random.default_rng(3)
+    load = zipf_load(rng, 2, 8)
+    current = round_robin_plan((0, 1), 8, 3)
+    base = migration_aware_plan(PlannerInput(load, 3, 7, EB, current=current))
+    assert migration_aware_plan(PlannerInput(load, 3, 7, EB, current=current, groups=None, group_weight=9.0)) == base
+
+
+def test_bad_groups_are_rejected():
+    with pytest.raises(ValueError, match="groups=3"):
+        migration_aware_plan(PlannerInput(layer_load([1] * 8), 2, 4, EB, groups=3))
+    with pytest.raises(ValueError, match="group_weight"):
+        migration_aware_plan(PlannerInput(layer_load([1] * 8), 2, 4, EB, groups=2, group_weight=-1))
+
+
+@pytest.mark.parametrize("seed", range(20), ids=lambda s: f"seed-{s}")
+def test_group_aware_plans_stay_valid(seed):
+    rng = np.random.default_rng(100 + seed)
+    layers, groups, size = int(rng.integers(1, 4)), int(rng.choice([2, 4])), int(rng.choice([1, 2, 4]))
+    experts, workers = groups * size, int(rng.integers(1, 6))
+    slots = -(-layers * experts // workers) + int(rng.integers(0, 4))
+    moe_layers = tuple(range(layers))
+    current = grouped_plan(moe_layers, experts, groups, workers)
+    for step in range(3):  # a few windows, sometimes draining a worker and adding one
+        load = zipf_load(rng, layers, experts)
+        drain = frozenset({current.workers[0].worker_id}) if step == 1 and workers > 1 else frozenset()
+        inp = PlannerInput(load, workers, slots, EB, current=current, drain=drain, groups=groups)
+        new = migration_aware_plan(inp)
+        check_valid(new, inp)
+        oblivious = migration_aware_plan(PlannerInput(load, workers, slots, EB, current=current, drain=drain))
+        check_valid(oblivious, inp)
+        current = new
+    assert all(len(w.replicas) <= slots for w in current.workers)
