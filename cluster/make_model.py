@@ -71,7 +71,7 @@ class Preset:
     """The shape of a model, family-independent; `config()` spells it as the family's config.json."""
 
     name: str
-    model_type: str  # "deepseek" | "deepseek_v2" | "deepseek_v3" | "mixtral" | "qwen2_moe"
+    model_type: str  # "deepseek" | "deepseek_v2" | "deepseek_v3" | "mixtral" | "qwen2_moe" | "phimoe"
     tokenizer: str  # key of TOKENIZERS
     vocab_size: int  # covers every id the tokenizer can emit, added tokens included
     hidden_size: int
@@ -151,6 +151,18 @@ def _mixtral_config(p: Preset) -> dict[str, Any]:
                 intermediate_size=p.expert_intermediate_size, sliding_window=None)
 
 
+def _phimoe_config(p: Preset) -> dict[str, Any]:
+    # Phi-3.5-MoE as it ships, but with plain RoPE (its LongRoPE is served only up to the original
+    # context, which would cap max_model_len): Mixtral's layout, biases on attention and LM head,
+    # sparsemixer top-2 with its released jitter 0.01.
+    for field, value in (("num_shared_experts", p.num_shared_experts), ("first_dense", p.first_dense)):
+        if value:
+            raise ConfigError(f"preset '{p.name}': field '{field}' must be 0 for phimoe, got {value}")
+    return dict(architectures=["PhimoeForCausalLM"], num_local_experts=p.num_experts,
+                intermediate_size=p.expert_intermediate_size, sliding_window=None, attention_bias=True,
+                lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.0)
+
+
 def _qwen2_moe_config(p: Preset) -> dict[str, Any]:
     # Qwen2-MoE has one gated shared expert; a DeepSeek-style "n shared experts" becomes its width.
     return dict(architectures=["Qwen2MoeForCausalLM"], num_experts=p.num_experts,
@@ -161,7 +173,7 @@ def _qwen2_moe_config(p: Preset) -> dict[str, Any]:
 
 _FAMILY_CONFIG: dict[str, Callable[[Preset], dict[str, Any]]] = {
     "deepseek": _deepseek_config, "deepseek_v2": _deepseek_v2_config, "deepseek_v3": _deepseek_v3_config,
-    "mixtral": _mixtral_config, "qwen2_moe": _qwen2_moe_config,
+    "mixtral": _mixtral_config, "qwen2_moe": _qwen2_moe_config, "phimoe": _phimoe_config,
 }
 _MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3"})
 
@@ -184,6 +196,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("mixtral-tiny", "mixtral", **{**_TINY, "num_kv_heads": 2, "intermediate_size": 32,
                                          "num_shared_experts": 0, "first_dense": 0},
            description="Mixtral structure in miniature"),
+    Preset("phimoe-tiny", "phimoe", **{**_TINY, "num_kv_heads": 2, "intermediate_size": 32,
+                                       "num_shared_experts": 0, "first_dense": 0, "rms_norm_eps": 1e-5},
+           description="Phi-3.5-MoE structure in miniature: LayerNorms, attention and LM head biases, "
+                       "sparsemixer top-2 routing"),
     Preset("qwen2-moe-tiny", "qwen2_moe", **_TINY, description="Qwen2-MoE structure in miniature"),
     # DeepSeek-V2's shape in miniature: no query compression (as V2-Lite), 2 shared experts, softmax
     # routing limited to the best 2 of 4 expert groups (group score = best expert). top-3 > 2 groups,
@@ -334,8 +350,8 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
     yield _Planned("model.embed_tokens.weight", (V, H), INIT_STD)
     for i in range(spec.num_layers):
         p = names.layer(i)
-        yield _Planned(f"{p}.input_layernorm.weight", (H,), None)
-        yield _Planned(f"{p}.post_attention_layernorm.weight", (H,), None)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield from _norm(spec, f"{p}.{norm}", H)
         if spec.mla is not None:
             yield from _mla_attention(spec, f"{p}.self_attn")
         else:
@@ -344,6 +360,8 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
                 if spec.attention_bias:  # non-zero (unlike real init) so that a dropped bias shows
                     yield _Planned(f"{p}.self_attn.{proj}.bias", (rows,), INIT_STD)
             yield _Planned(f"{p}.self_attn.o_proj.weight", (H, Q * D), INIT_STD)
+            if spec.o_proj_bias:
+                yield _Planned(f"{p}.self_attn.o_proj.bias", (H,), INIT_STD)
         if not spec.is_moe_layer(i):
             yield from _ffn(_llama_mlp(f"{p}.mlp"), H, spec.intermediate_size)
             continue
@@ -359,9 +377,18 @@ def _plan(spec: ModelSpec, layout: str) -> Iterator[_Planned]:
             yield from _ffn(shared, H, moe.shared_intermediate_size)
         if moe.shared_expert_gated:
             yield _Planned(f"{names.moe(i)}.{names.shared_gate}.weight", (1, H), INIT_STD)
-    yield _Planned("model.norm.weight", (H,), None)
+    yield from _norm(spec, "model.norm", H)
     if not spec.tie_word_embeddings:
         yield _Planned("lm_head.weight", (V, H), INIT_STD)
+    if spec.lm_head_bias:
+        yield _Planned("lm_head.bias", (V,), INIT_STD)
+
+
+def _norm(spec: ModelSpec, prefix: str, H: int) -> Iterator[_Planned]:
+    """A decoder norm: weight of ones; LayerNorm also a bias (non-zero, so that a dropped one shows)."""
+    yield _Planned(f"{prefix}.weight", (H,), None)
+    if spec.norm == "layer":
+        yield _Planned(f"{prefix}.bias", (H,), INIT_STD)
 
 
 def _mla_attention(spec: ModelSpec, attn: str) -> Iterator[_Planned]:

@@ -34,7 +34,14 @@ class MoESpec:
     token by a choice score (the score, plus a per-layer bias when `score_correction_bias`),
     optionally only among the `topk_group` best of `n_group` contiguous expert groups, and
     weights each pick by its score (renormalised if `norm_topk_prob`, then times
-    `routed_scaling_factor`). Worked example of group-limited selection, E=8 in n_group=4
+    `routed_scaling_factor`).
+
+    Phi-3.5-MoE's "sparsemixer" (`scoring_func`, eval mode) is a top-2 of its own: the first
+    pick is the best logit, weighted by its softmax over the experts whose logits lie within a
+    relative `jitter_eps` band of it ((best - logit) / max(|logit|, best) <= 2 * jitter_eps);
+    the second is the best of the rest, weighted the same way among the rest. No renormalisation.
+
+    Worked example of group-limited selection, E=8 in n_group=4
     groups {0,1} {2,3} {4,5} {6,7}, topk_group=2, top_k=4, group_score "max":
         scores          .30 .25 | .01 .01 | .20 .01 | .18 .04
         group scores    .30       .01       .20       .18      -> keep groups 0 and 2
@@ -48,11 +55,13 @@ class MoESpec:
     routed_scaling_factor: float = 1.0  # multiplies routed weights after selection
     shared_intermediate_size: int = 0  # width of the fused shared-expert FFN; 0 = none
     shared_expert_gated: bool = False  # Qwen2-MoE: shared output times sigmoid(gate(x))
-    scoring_func: str = "softmax"  # "softmax" over experts | "sigmoid" per expert (DeepSeek-V3)
+    # "softmax" over experts | "sigmoid" per expert (DeepSeek-V3) | "sparsemixer" top-2 (Phi-3.5-MoE)
+    scoring_func: str = "softmax"
     n_group: int = 1  # > 1: group-limited selection over this many contiguous expert groups
     topk_group: int = 1  # groups a token may pick experts from (when n_group > 1)
     group_score: str = "max"  # how a group is ranked: "max" choice score (V2) | "top2_sum" (V3)
     score_correction_bias: bool = False  # DeepSeek-V3: a per-layer bias [E] added to scores for the choice only
+    jitter_eps: float = 0.0  # sparsemixer: relative width of the band of logits each pick's softmax runs over
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,11 @@ class WeightNames:
         return list(dict.fromkeys([self.moe(layer), f"model.layers.{layer}.mlp"]))
 
     def router_gates(self, layer: int) -> list[str]:
-        """Candidates for the gate weight [E, H]; the first is the family's own name."""
-        return [f"{p}.gate.weight" for p in self._moe_prefixes(layer)]
+        """Candidates for the gate weight [E, H]; the first is the family's own name.
+
+        transformers 5 keeps Phi-3.5-MoE's gate in memory as `mlp.router` (the last candidate).
+        """
+        return [f"{p}.gate.weight" for p in self._moe_prefixes(layer)] + [f"model.layers.{layer}.mlp.router.weight"]
 
     def router_score_biases(self, layer: int) -> list[str]:
         """Candidates for DeepSeek-V3's per-layer choice bias `e_score_correction_bias` [E]."""
@@ -107,6 +119,21 @@ class YarnScaling:
     beta_slow: float
     attention_factor: float
     truncate: bool  # round the ramp's ends outwards to whole dims
+
+
+@dataclass(frozen=True)
+class LongRopeScaling:
+    """Phi-3.5-MoE's LongRoPE, in its short regime: contexts up to `original_max_position_embeddings`.
+
+    Each frequency is divided by its `short_factor` and cos and sin are multiplied by `short_mscale`,
+    as transformers' PhimoeRotaryEmbedding does while the sequence fits the original context. Past
+    it the reference switches to `long_factor`/`long_mscale` depending on the length of the whole
+    forward call, which a continuous batch does not have; serving longer contexts is refused.
+    """
+
+    short_factor: tuple[float, ...]  # [D/2], one per rotated frequency
+    short_mscale: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -146,10 +173,10 @@ class ModelSpec:
     num_kv_heads: int  # MLA: num_heads (keys and values are expanded per head)
     head_dim: int  # MLA: the query/key head dim Dn + Dr (values have mla.v_head_dim)
     intermediate_size: int  # width of the dense (non-MoE) MLP
-    rms_norm_eps: float
+    rms_norm_eps: float  # eps of every norm, RMSNorm or LayerNorm (`norm`)
     rope_theta: float
     max_position_embeddings: int
-    attention_bias: bool  # q, k, v projections carry a bias (Qwen2)
+    attention_bias: bool  # q, k, v projections carry a bias (Qwen2, Phi-3.5-MoE)
     tie_word_embeddings: bool
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     moe: MoESpec | None
@@ -159,7 +186,10 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
     mla: MLASpec | None = None  # multi-head latent attention; None: Llama-style MHA/GQA
-    rope_scaling: YarnScaling | None = None  # None: plain RoPE
+    rope_scaling: YarnScaling | LongRopeScaling | None = None  # None: plain RoPE
+    norm: str = "rms"  # decoder norms: "rms" RMSNorm (weight) | "layer" LayerNorm (weight and bias, Phi-3.5-MoE)
+    o_proj_bias: bool = False  # the attention output projection carries a bias (Phi-3.5-MoE)
+    lm_head_bias: bool = False  # the LM head carries a bias [V] (Phi-3.5-MoE's `lm_head_bias`)
 
     @property
     def rope_dim(self) -> int:
@@ -220,9 +250,9 @@ def _rope_parameters(cfg: _Config) -> dict[str, Any]:
     return params
 
 
-def _rope_theta(cfg: _Config, *, yarn: bool = False) -> float:
+def _rope_theta(cfg: _Config, *, yarn: bool = False, longrope: bool = False) -> float:
     params = _rope_parameters(cfg)
-    supported = ("default", "yarn") if yarn else ("default",)
+    supported = ("default",) + (("yarn",) if yarn else ()) + (("longrope",) if longrope else ())
     if params["rope_type"] not in supported:
         raise ConfigError(f"config.json: field 'rope_scaling' type {params['rope_type']!r} is not supported "
                           f"for {cfg.raw.get('model_type')} (only {' or '.join(supported)} RoPE)")
@@ -230,6 +260,27 @@ def _rope_theta(cfg: _Config, *, yarn: bool = False) -> float:
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise ConfigError(f"config.json: field 'rope_theta' must be a positive number, got {theta!r}")
     return float(theta)
+
+
+def _longrope(cfg: _Config, head_dim: int) -> LongRopeScaling | None:
+    """Phi-3.5-MoE's LongRoPE (short regime, see LongRopeScaling), or None for plain RoPE."""
+    params = _rope_parameters(cfg)
+    if params["rope_type"] != "longrope":
+        return None
+    short = params.get("short_factor")
+    if (not isinstance(short, list) or len(short) != head_dim // 2
+            or not all(isinstance(f, (int, float)) and f > 0 for f in short)):
+        raise ConfigError(f"config.json: field 'rope_scaling' short_factor must be {head_dim // 2} positive numbers "
+                          f"(one per rotated frequency), got {short!r}")
+    mscale = params.get("short_mscale")
+    if not isinstance(mscale, (int, float)) or mscale <= 0:
+        raise ConfigError(f"config.json: field 'rope_scaling' short_mscale must be a positive number, got {mscale!r}")
+    original = params.get("original_max_position_embeddings", cfg.raw.get("original_max_position_embeddings"))
+    if not isinstance(original, int) or original < 1:
+        raise ConfigError("config.json: field 'rope_scaling' needs original_max_position_embeddings, "
+                          f"a positive integer, got {original!r}")
+    return LongRopeScaling(short_factor=tuple(float(f) for f in short), short_mscale=float(mscale),
+                           original_max_position_embeddings=original)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -266,7 +317,7 @@ def _eos_ids(cfg: _Config) -> tuple[int, ...]:
 
 
 def _common(cfg: _Config, names: WeightNames, *, attention_bias: bool = False,
-            mla: MLASpec | None = None) -> dict[str, Any]:
+            mla: MLASpec | None = None, longrope: bool = False) -> dict[str, Any]:
     """Fields shared by every decoder: Llama-style attention, or MLA when `mla` is given."""
     hidden = cfg.get("hidden_size", int, minimum=1)
     heads = cfg.get("num_attention_heads", int, minimum=1)
@@ -301,7 +352,7 @@ def _common(cfg: _Config, names: WeightNames, *, attention_bias: bool = False,
         head_dim=head_dim,
         intermediate_size=cfg.get("intermediate_size", int, minimum=1),
         rms_norm_eps=cfg.get("rms_norm_eps", float, 1e-6),
-        rope_theta=_rope_theta(cfg, yarn=mla is not None),
+        rope_theta=_rope_theta(cfg, yarn=mla is not None, longrope=longrope),
         max_position_embeddings=cfg.get("max_position_embeddings", int, 4096, minimum=1),
         attention_bias=attention_bias,
         tie_word_embeddings=bool(cfg.raw.get("tie_word_embeddings", False)),
@@ -311,7 +362,7 @@ def _common(cfg: _Config, names: WeightNames, *, attention_bias: bool = False,
         sliding_window=window if window else None,
         names=names,
         mla=mla,
-        rope_scaling=_yarn(cfg)[0] if mla is not None else None,
+        rope_scaling=_yarn(cfg)[0] if mla is not None else _longrope(cfg, head_dim) if longrope else None,
     )
 
 
@@ -471,6 +522,25 @@ def _mixtral(cfg: _Config) -> ModelSpec:
     return ModelSpec(moe=moe, moe_layers=tuple(range(base["num_layers"])), **base)
 
 
+def _phimoe(cfg: _Config) -> ModelSpec:
+    """Phi-3.5-MoE: Mixtral's layout and weight names, LayerNorms with bias, sparsemixer top-2 routing."""
+    names = WeightNames(moe_prefix="model.layers.{layer}.block_sparse_moe", expert_proj=("w1", "w3", "w2"))
+    bias = bool(cfg.raw.get("attention_bias", False))
+    base = _common(cfg, names, attention_bias=bias, longrope=True)
+    base["rms_norm_eps"] = cfg.get("rms_norm_eps", float, 1e-5)  # PhimoeConfig's default, not Llama's
+    experts = cfg.get("num_local_experts", int, minimum=2)
+    # sparsemixer always picks two experts (transformers ignores num_experts_per_tok); refuse any other count
+    top_k = cfg.get("num_experts_per_tok", int, 2)
+    if top_k != 2:
+        raise ConfigError(
+            f"config.json: field 'num_experts_per_tok' must be 2 for phimoe (sparsemixer top-2), got {top_k}")
+    moe = MoESpec(num_experts=experts, top_k=2, expert_intermediate_size=base["intermediate_size"],
+                  norm_topk_prob=False, scoring_func="sparsemixer",
+                  jitter_eps=cfg.get("router_jitter_noise", float, 0.01, minimum=0.0))
+    return ModelSpec(moe=moe, moe_layers=tuple(range(base["num_layers"])), norm="layer", o_proj_bias=bias,
+                     lm_head_bias=bool(cfg.raw.get("lm_head_bias", False)), **base)
+
+
 def _qwen2_moe(cfg: _Config) -> ModelSpec:
     names = WeightNames(moe_prefix="model.layers.{layer}.mlp", shared_prefix="shared_expert",
                         shared_gate="shared_expert_gate")
@@ -503,6 +573,7 @@ FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
     "deepseek_v3": _deepseek_v3,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
+    "phimoe": _phimoe,
 }
 
 

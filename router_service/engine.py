@@ -51,6 +51,11 @@ class EngineSettings(BaseModel):
     routing_bias: dict[int, float] = Field(
         default_factory=dict, description="Added to the gate logits of these expert ids in every MoE layer: "
         "skews routing load for tests and demos of rebalancing (changes outputs; empty in production).")
+    switch_capacity_factor: float | None = Field(
+        None, gt=0, description="Switch Transformer routing instead of the model's gate: top-1 weighted by the "
+        "router probability, each expert taking at most ceil(factor * tokens in the step / experts) tokens, in "
+        "token order; the rest skip the experts (routed output zero). An approximation for throughput: it "
+        "changes outputs, and a sequence's output then depends on the batch it runs in. None (default): off.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -370,4 +375,6 @@ def load_engine(model_dir: str | Path, settings: EngineSettings | None = None,
     model = CausalLM.load(checkpoint, dispatcher, dtype, device, max_model_len)
     if settings.routing_bias:
         model.set_routing_bias(settings.routing_bias)
+    if settings.switch_capacity_factor is not None:
+        model.set_switch_capacity(settings.switch_capacity_factor)
     return Engine(model, Tokenizer.from_model_dir(model_dir), settings, max_model_len, slots)

@@ -12,6 +12,12 @@ compressed latent plus a shared rope key per token; each step up-projects the
 cached latents of the attended positions into per-head keys and values with
 `kv_b_proj`, the simple form rather than absorbing `kv_b_proj` into the query).
 
+Decoder norms are RMSNorm or, where `spec.norm` is "layer" (Phi-3.5-MoE), LayerNorm with a
+bias; optional biases on the attention output and the LM head come from the spec as well.
+
+Routing (`CausalLM.route`, the one gate code path) follows the spec's `MoESpec`, unless the
+serving-time Switch option is on (`switch_capacity_factor`, see `switch_capacity_keep`).
+
 Shape legend:
     T tokens in the step      S sequences in the step   B decode sequences
     H hidden                  Q query heads             N kv heads        D head dim
@@ -30,7 +36,7 @@ from tqdm.auto import tqdm
 
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import swiglu
-from expert_workers.spec import MoESpec, ModelSpec
+from expert_workers.spec import LongRopeScaling, MoESpec, ModelSpec
 from router_service.dispatch import ExpertDispatcher
 from router_service.kv_cache import KVCache
 from router_service.profiling import StepProfile
@@ -95,6 +101,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def decoder_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The decoder's norm: LayerNorm when it has a bias (spec.norm "layer"), else RMSNorm."""
+    if bias is not None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return rms_norm(x, weight, eps)
+
+
+def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's gate in eval mode (transformers' `sparsemixer`, training=False): ids and weights [T, 2].
+
+    Each pick is the best remaining logit; its weight is its softmax over the remaining experts
+    whose logits are within the jitter band of it: (pick - logit) / max(|logit|, pick) <= 2 * eps.
+    """
+    picks, weights = [], []
+    remaining = logits  # [T, E]; the first pick is set to -inf for the second
+    for _ in range(2):
+        best, best_id = remaining.max(dim=-1, keepdim=True)  # [T, 1]
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps  # [T, E], as the reference
+        weights.append(remaining.masked_fill(far, float("-inf")).softmax(dim=-1).gather(-1, best_id))
+        picks.append(best_id)
+        remaining = remaining.scatter(-1, best_id, float("-inf"))
+    return torch.cat(picks, dim=-1), torch.cat(weights, dim=-1)
+
+
+def switch_capacity_keep(expert: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """Switch Transformer's expert capacity: which tokens [T] keep their top-1 expert `expert` [T].
+
+    Each expert takes at most capacity = ceil(capacity_factor * T / E) tokens of the step; the
+    earlier tokens of the flat batch keep their slot. E.g. T=6, E=2, factor 1.0: capacity 3;
+    experts 0 0 0 0 1 0 -> keep T T T F T F (tokens 3 and 5 are the fourth and fifth for expert 0).
+    """
+    T = expert.shape[0]
+    capacity = math.ceil(capacity_factor * T / num_experts)
+    one_hot = F.one_hot(expert, num_experts)  # [T, E]
+    rank = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [T]: earlier tokens with the same expert
+    return rank < capacity
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -104,12 +148,16 @@ def rope_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] of the rotated dims, and the factor on cos and sin (YaRN's attention factor).
 
     D is `spec.rope_dim` (MLA: only the Dr rope part of each head rotates). With YaRN the
-    frequencies are blended as transformers' `_compute_yarn_parameters` does.
+    frequencies are blended as transformers' `_compute_yarn_parameters` does; with LongRoPE
+    (short regime) each is divided by its short factor and cos and sin scaled by short_mscale.
     """
     D, base = spec.rope_dim, spec.rope_theta
     yarn = spec.rope_scaling
     if yarn is None:
         return 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)), 1.0
+    if isinstance(yarn, LongRopeScaling):
+        factors = torch.tensor(yarn.short_factor, dtype=torch.float32)  # [D/2]
+        return 1.0 / (factors * base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)), yarn.short_mscale
     pos_freqs = base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)  # [D/2]
 
     def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
@@ -185,6 +233,9 @@ class LayerWeights:
     shared_gate_up: torch.Tensor | None = None  # [2I_s, H]
     shared_down: torch.Tensor | None = None  # [H, I_s]
     shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
+    input_norm_bias: torch.Tensor | None = None  # [H], LayerNorm (spec.norm "layer")
+    post_norm_bias: torch.Tensor | None = None  # [H]
+    o_bias: torch.Tensor | None = None  # [H] (spec.o_proj_bias)
 
 
 def _read_mla(spec: ModelSpec, attn: str, read) -> MLAWeights:
@@ -211,23 +262,33 @@ class CausalLM:
     """Non-expert weights and the forward pass. Not an nn.Module: inference only, no autograd."""
 
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: torch.Tensor, dispatcher: ExpertDispatcher, max_model_len: int):
+                 lm_head: torch.Tensor, dispatcher: ExpertDispatcher, max_model_len: int,
+                 norm_bias: torch.Tensor | None = None, lm_head_bias: torch.Tensor | None = None):
         self.spec = spec
         self.embed = embed  # [V, H]
         self.layers = layers
         self.norm = norm  # [H]
+        self.norm_bias = norm_bias  # [H], LayerNorm only
         self.lm_head = lm_head  # [V, H]
+        self.lm_head_bias = lm_head_bias  # [V]
         self.dispatcher = dispatcher
         self.load: LoadWindow | None = None  # routing telemetry, when the router keeps it
         self.profile = StepProfile()  # where step time goes, when enabled (benchmarks)
         self.routing_bias: torch.Tensor | None = None  # [E] added to gate logits (skewed-load demos)
+        # Switch routing (top-1 with expert capacity) instead of the family's gate; None: off.
+        self.switch_capacity_factor: float | None = None
         self.dtype = embed.dtype
         self.device = embed.device
+        longrope = spec.rope_scaling if isinstance(spec.rope_scaling, LongRopeScaling) else None
+        if longrope is not None and max_model_len > longrope.original_max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the {longrope.original_max_position_embeddings} positions that "
+                "this model's LongRoPE ('rope_scaling') is served for: its long_factor regime is not supported")
         inv_freq, scale = rope_frequencies(spec)  # [D/2]
         angles = torch.outer(torch.arange(max_model_len, dtype=torch.float32), inv_freq)  # [M, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [M, D]
         cos, sin = angles.cos(), angles.sin()
-        if scale != 1.0:  # YaRN's attention factor
+        if scale != 1.0:  # YaRN's attention factor, LongRoPE's mscale
             cos, sin = cos * scale, sin * scale
         self.cos = cos.to(self.dtype).to(self.device)
         self.sin = sin.to(self.dtype).to(self.device)
@@ -249,6 +310,9 @@ class CausalLM:
             attn = f"{p}.self_attn"
             norms = dict(input_norm=read(f"{p}.input_layernorm.weight", (H,)),
                          post_norm=read(f"{p}.post_attention_layernorm.weight", (H,)))
+            if spec.norm == "layer":
+                norms.update(input_norm_bias=read(f"{p}.input_layernorm.bias", (H,)),
+                             post_norm_bias=read(f"{p}.post_attention_layernorm.bias", (H,)))
             if spec.mla is not None:
                 lw = LayerWeights(**norms, qkv=None, qkv_bias=None, mla=_read_mla(spec, attn, read),
                                   o=read(f"{attn}.o_proj.weight", (H, Q * spec.mla.v_head_dim)))
@@ -259,7 +323,8 @@ class CausalLM:
                 if spec.attention_bias:
                     bias = torch.cat([read(f"{attn}.q_proj.bias", (Q * D,)), read(f"{attn}.k_proj.bias", (N * D,)),
                                       read(f"{attn}.v_proj.bias", (N * D,))])
-                lw = LayerWeights(**norms, qkv=qkv, qkv_bias=bias, o=read(f"{attn}.o_proj.weight", (H, Q * D)))
+                lw = LayerWeights(**norms, qkv=qkv, qkv_bias=bias, o=read(f"{attn}.o_proj.weight", (H, Q * D)),
+                                  o_bias=read(f"{attn}.o_proj.bias", (H,)) if spec.o_proj_bias else None)
             if spec.is_moe_layer(i):
                 moe, names = spec.moe, spec.names
                 gates = names.router_gates(i)
@@ -282,11 +347,14 @@ class CausalLM:
                 lw.mlp_down = read(f"{m}.down_proj.weight", (H, I))
             layers.append(lw)
         norm = read("model.norm.weight", (H,))
+        norm_bias = read("model.norm.bias", (H,)) if spec.norm == "layer" else None
         if spec.tie_word_embeddings and "lm_head.weight" not in checkpoint:
             lm_head = embed
         else:
             lm_head = read("lm_head.weight", (V, H))
-        return cls(spec, embed, layers, norm, lm_head, dispatcher, max_model_len or spec.max_position_embeddings)
+        lm_head_bias = read("lm_head.bias", (V,)) if spec.lm_head_bias else None
+        return cls(spec, embed, layers, norm, lm_head, dispatcher, max_model_len or spec.max_position_embeddings,
+                   norm_bias=norm_bias, lm_head_bias=lm_head_bias)
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -298,17 +366,17 @@ class CausalLM:
         eps, prof = self.spec.rms_norm_eps, self.profile
         for i, lw in enumerate(self.layers):
             with prof("attention"):
-                h = rms_norm(x, lw.input_norm, eps)
+                h = decoder_norm(x, lw.input_norm, lw.input_norm_bias, eps)
                 x = x + self._attention(i, lw, h, cos, sin, batch, kv)
-                h = rms_norm(x, lw.post_norm, eps)
+                h = decoder_norm(x, lw.post_norm, lw.post_norm_bias, eps)
             if lw.router is not None:
                 x = x + self._moe(i, lw, h)
             else:
                 with prof("dense_mlp"):
                     x = x + swiglu(h, lw.mlp_gate_up, lw.mlp_down)
         with prof("lm_head"):
-            last = rms_norm(x[batch.last_index], self.norm, eps)  # [S, H]
-            return F.linear(last, self.lm_head).float()  # [S, V]
+            last = decoder_norm(x[batch.last_index], self.norm, self.norm_bias, eps)  # [S, H]
+            return F.linear(last, self.lm_head, self.lm_head_bias).float()  # [S, V]
 
     def _attention(self, layer: int, lw: LayerWeights, h: torch.Tensor, cos, sin, batch: ForwardBatch,
                    kv: KVCache) -> torch.Tensor:
@@ -329,7 +397,7 @@ class CausalLM:
         k = k * cos + rotate_half(k) * sin  # [T, N, D]
         kv.write(layer, batch.slots, batch.positions, k, v.view(T, N, D))
         out = self._attend(q, layer, batch, kv, lambda keys, values: (keys, values), dict(enable_gqa=Q != N), D)
-        return F.linear(out.view(T, Q * D), lw.o)  # [T, H]
+        return F.linear(out.view(T, Q * D), lw.o, lw.o_bias)  # [T, H]
 
     def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, kv: KVCache, expand, sdpa: dict,
                 value_dim: int) -> torch.Tensor:
@@ -391,12 +459,37 @@ class CausalLM:
         for e, b in bias.items():
             self.routing_bias[e] = b
 
+    def set_switch_capacity(self, capacity_factor: float | None) -> None:
+        """Switch routing with this capacity factor from now on (None: the family's own gate)."""
+        if capacity_factor is not None:
+            if self.spec.moe is None:
+                raise ValueError(f"switch_capacity_factor: {self.spec.model_type} has no MoE layers to route")
+            if not capacity_factor > 0:
+                raise ValueError(f"switch_capacity_factor must be positive, got {capacity_factor}")
+        self.switch_capacity_factor = capacity_factor
+
     def route(self, lw: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate: top-k experts per token and their weights, [T, K] each (see MoESpec)."""
+        """The gate: top-k experts per token and their weights, [T, K] each (see MoESpec).
+
+        With `switch_capacity_factor` set, Switch Transformer's gate replaces the family's: K = 1,
+        the expert with the highest softmax probability, weighted by that probability (no
+        renormalisation, scaling, groups or choice bias), and tokens beyond an expert's capacity
+        in this step (`switch_capacity_keep`) get weight 0: they skip the experts, the residual
+        carries them. This changes outputs (an approximation for throughput), and since the
+        capacity scales with the step's token count, a sequence's output depends on the batch
+        it runs in.
+        """
         moe = self.spec.moe
         logits = F.linear(h.float(), lw.router)  # [T, E], fp32 as the references do
         if self.routing_bias is not None:
             logits = logits + self.routing_bias
+        if self.switch_capacity_factor is not None:
+            weights, ids = logits.softmax(dim=-1).max(dim=-1, keepdim=True)  # [T, 1]
+            keep = switch_capacity_keep(ids[:, 0], moe.num_experts, self.switch_capacity_factor)  # [T]
+            return ids, (weights * keep[:, None]).to(h.dtype)
+        if moe.scoring_func == "sparsemixer":
+            ids, weights = sparsemixer_top2(logits, moe.jitter_eps)  # [T, 2]
+            return ids, weights.to(h.dtype)
         scores = logits.softmax(dim=-1) if moe.scoring_func == "softmax" else logits.sigmoid()  # [T, E]
         if moe.n_group == 1 and lw.router_score_bias is None:  # plain top-k on the scores
             weights, ids = torch.topk(scores, moe.top_k, dim=-1)  # [T, K]
@@ -416,10 +509,15 @@ class CausalLM:
         prof = self.profile
         with prof("gate"):
             ids, weights = self.route(lw, h)
+            kept = None
+            if self.switch_capacity_factor is not None:
+                # Overflow tokens (weight 0; a kept token's is its top probability, >= 1/E) are not sent.
+                kept = (weights[:, 0] > 0).nonzero().squeeze(1)  # [T'] rows within capacity; capacity >= 1
+                ids, weights = ids[kept], weights[kept]
             if self.load is not None:
                 self.load.add(layer, ids.flatten())
         with prof("routed"):
-            pending = self.dispatcher.dispatch(layer, h, ids, weights)
+            pending = self.dispatcher.dispatch(layer, h if kept is None else h[kept], ids, weights)
         # Shared experts run while routed tokens are away.
         out = None
         with prof("shared_experts"):
@@ -428,5 +526,7 @@ class CausalLM:
                 if lw.shared_gate is not None:
                     out = out * torch.sigmoid(F.linear(h, lw.shared_gate))
         with prof("routed"):
-            routed = pending.wait()  # [T, H]
+            routed = pending.wait()  # [T, H]; Switch: [T', H] of the kept rows
+            if kept is not None:
+                routed = h.new_zeros(h.shape).index_copy_(0, kept, routed)
         return routed if out is None else routed + out
