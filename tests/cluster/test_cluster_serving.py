@@ -276,7 +276,7 @@ def test_cli_status_and_generate(target, reference):
     assert record["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6}
 
 
-def test_metrics_reach_the_ray_prometheus_endpoint(stub, ray_metrics_port):
+def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics_port):
     """After traffic, our ray.util.metrics appear (ray_ prefix) on the node's metrics endpoint with sane values."""
     import urllib.request
 
@@ -304,10 +304,21 @@ def test_metrics_reach_the_ray_prometheus_endpoint(stub, ray_metrics_port):
     def value(sample_name, **labels):
         return sum(s.value for s in flat if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
 
-    assert value("ray_moe_serve_requests_total", code="OK") >= 2
-    assert value("ray_moe_serve_workers") == NUM_WORKERS
-    assert value("ray_moe_serve_plan_version") == 1
-    assert value("ray_moe_serve_kv_slots", router="router-0") == ENGINE.max_num_seqs
+    # Other test modules' clusters ran in the same Ray session and their last gauge values may still be
+    # exported: read this cluster's gauges by the reporting process (Ray labels samples with its WorkerId).
+    import ray
+
+    from cluster.settings import NAMESPACE
+
+    def worker_id(actor):
+        return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_worker_id()))
+
+    controller_id = worker_id(controller)
+    router_id = worker_id(ray.get_actor("router-0", namespace=NAMESPACE))
+    assert value("ray_moe_serve_requests_total", code="OK", WorkerId=router_id) >= 2
+    assert value("ray_moe_serve_workers", WorkerId=controller_id) == NUM_WORKERS
+    assert value("ray_moe_serve_plan_version", WorkerId=controller_id) == 1
+    assert value("ray_moe_serve_kv_slots", router="router-0", WorkerId=router_id) == ENGINE.max_num_seqs
     routed = [s for s in samples["ray_moe_serve_expert_tokens"] if s.name == "ray_moe_serve_expert_tokens_total"]
     assert routed and all(s.labels["layer"] in {str(l) for l in MOE_LAYERS} for s in routed)
     assert sum(s.value for s in routed) > 0

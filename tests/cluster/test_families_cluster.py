@@ -27,7 +27,7 @@ MAX_TOKENS = 6
 RPC_TIMEOUT = 120
 # ids below 320: valid for the presets' DeepSeek-V3 vocabulary and the transformers reference's 320
 PROMPTS = [[5, 17, 300, 42], [7], [100, 200, 30, 40, 50, 60, 70, 80, 90], [9, 9]]
-PRESET_NAMES = ["mixtral-tiny", "qwen2-moe-tiny", "deepseek-v2-tiny", "deepseek-v3-tiny"]
+PRESET_NAMES = ["mixtral-tiny", "qwen2-moe-tiny", "deepseek-v2-tiny", "deepseek-v3-tiny", "phimoe-tiny"]
 
 
 def cluster_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
