@@ -20,7 +20,8 @@ One checkpoint, the same random prompts, five figure groups:
                every expert worker of each cluster.
 5. breakdown   where a decode step's time goes, as shares of the step (breakdown batch: 32 if
                measured, else the largest batch): the engine's StepProfile, and for each cluster the
-               router's StepProfile plus the workers' compute.
+               router's StepProfile plus the workers' compute, profiled in rounds that alternate with
+               the engine's (the engine column is its twin next to cluster-socket).
 
 Dispatch overhead, defined. Per MoE layer the router sends the routed tokens (profile section
 `routed`), runs the shared experts (`shared_experts`) while the workers compute, then waits for the
@@ -32,8 +33,10 @@ data plane, so
     dispatch overhead per MoE layer = (R + S - max(S, C)) / MoE layers
 
 and the routed compute exposed on the router's step is max(0, C - S). A worker's compute always lies
-inside its layer's R + S window, so this is never negative; taking the max of the workers' per-step
-totals rather than the per-layer max slightly understates C, so the overhead is if anything overstated.
+inside its layer's R + S window, so this is never negative. The workers' counters are cumulative, so C
+is the max of per-step totals, not the sum over layers of each layer's slower worker: a layer's
+straggler (routing imbalance, a worker descheduled on a busy machine) therefore counts as overhead
+here, as it is a cost of distributing the layer, though not of moving the bytes.
 Client side, without any profile: (cluster step time - engine step time) / MoE layers, where a step
 time is batch / tokens per second at the breakdown batch. Direct: the same transport class driven from
 this process against the cluster's workers (one message of B rows per worker, then the replies), the
@@ -51,11 +54,9 @@ one exists this suite reaches the router's StepProfile and peak RSS through Ray'
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,16 +145,27 @@ def _alternate(runners: dict, batch: int, tokens: int, rounds: int) -> dict[str,
 # --- step profiles ----------------------------------------------------------------------------------
 
 
-def _router_profile_call(router, enable):  # runs inside the router actor (via __ray_call__)
-    prof = router.engine.engine.model.profile
-    out = {"seconds": dict(prof.seconds), "steps": prof.steps}
-    if enable is not None:
-        prof.reset(enable)
-    return out
+def _actor_calls():
+    """Functions that run inside actors through `__ray_call__`. Built as closures so that cloudpickle ships
+    them by value and they use nothing but the standard library: by reference the actor would import
+    this module, and with it `cluster.bench` and every other suite."""
+
+    def router_profile(router, enable):
+        prof = router.engine.engine.model.profile
+        out = {"seconds": dict(prof.seconds), "steps": prof.steps}
+        if enable is not None:
+            prof.reset(enable)
+        return out
+
+    def peak_rss(_actor):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    return router_profile, peak_rss
 
 
-def _peak_rss_call(_actor):  # runs inside an actor (via __ray_call__)
-    return peak_rss_bytes()
+_router_profile_call, _peak_rss_call = _actor_calls()
 
 
 class _EngineProbe:
@@ -203,41 +215,54 @@ def _has_method(handle, name: str) -> bool:
         return False
 
 
-def _profiled_step(run, probe, tokens: int, rounds: int) -> dict:
-    """Seconds per decode step by profile section, wall time and worker compute: N-token minus 1-token run.
+def _profiled_round(run, probe, tokens: int) -> dict | None:
+    """Seconds per decode step by profile section, wall time and worker compute: N-token minus 1-token run."""
+    one, many = {}, {}
+    for n, into in ((1, one), (tokens, many)):
+        probe.reset(True)
+        before = probe.read()["workers"]
+        into["wall"] = timed(lambda: run(n))
+        after = probe.read()
+        into.update(after)
+        into["workers"] = [(c1 - c0, k1 - k0) for (c0, k0), (c1, k1) in zip(before, after["workers"])]
+    probe.reset(False)
+    steps = many["steps"] - one["steps"]
+    if steps <= 0:
+        return None
+    names = set(one["seconds"]) | set(many["seconds"])
+    return {
+        "decode_steps": steps,
+        "step_seconds": (many["wall"] - one["wall"]) / steps,
+        "sections": {k: (many["seconds"].get(k, 0.0) - one["seconds"].get(k, 0.0)) / steps for k in names},
+        "worker_compute_seconds": [(cm - c1) / steps for (c1, _), (cm, _) in zip(one["workers"], many["workers"])],
+        "worker_calls": [(km - k1) / steps for (_, k1), (_, km) in zip(one["workers"], many["workers"])],
+    }
 
-    Each round gives one consistent set; the round with the median wall time per step is returned."""
-    sets = []
+
+def _profiled_steps(systems: dict, tokens: int, rounds: int) -> dict[str, dict]:
+    """{name: (run, probe)} profiled in alternating rounds; per name, the round with the median step time
+    (each round is one consistent set of sections)."""
+    sets: dict[str, list[dict]] = {name: [] for name in systems}
     for _ in range(rounds):
-        one, many = {}, {}
-        for n, into in ((1, one), (tokens, many)):
-            probe.reset(True)
-            before = probe.read()["workers"]
-            into["wall"] = timed(lambda: run(n))
-            after = probe.read()
-            into.update(after)
-            into["workers"] = [(c1 - c0, k1 - k0) for (c0, k0), (c1, k1) in zip(before, after["workers"])]
-        probe.reset(False)
-        steps = many["steps"] - one["steps"]
-        if steps <= 0:
-            continue
-        names = set(one["seconds"]) | set(many["seconds"])
-        sets.append({
-            "decode_steps": steps,
-            "step_seconds": (many["wall"] - one["wall"]) / steps,
-            "sections": {k: (many["seconds"].get(k, 0.0) - one["seconds"].get(k, 0.0)) / steps for k in names},
-            "worker_compute_seconds": [(cm - c1) / steps for (c1, _), (cm, _) in zip(one["workers"], many["workers"])],
-            "worker_calls": [(km - k1) / steps for (_, k1), (_, km) in zip(one["workers"], many["workers"])],
-        })
-    if not sets:
-        raise RuntimeError("no decode steps between the 1-token and the N-token runs; raise --tokens")
-    return sorted(sets, key=lambda s: s["step_seconds"])[len(sets) // 2]
+        for name, (run, probe) in systems.items():
+            if (got := _profiled_round(run, probe, tokens)) is not None:
+                sets[name].append(got)
+    for name, got in sets.items():
+        if not got:
+            raise RuntimeError(f"{name}: no decode steps between the 1-token and the N-token runs; raise --tokens")
+    return {name: sorted(got, key=lambda s: s["step_seconds"])[len(got) // 2] for name, got in sets.items()}
+
+
+def _routed_seconds(sections: dict[str, float]) -> float:
+    """`routed` (send + wait), or its parts should the profile ever split it (e.g. routed_send, routed_wait)."""
+    return sum(v for k, v in sections.items() if k.startswith("routed"))
 
 
 def _categories(prof: dict) -> dict[str, float]:
     """Seconds per step by category; for a cluster, `routed` splits into exposed compute and dispatch."""
     sec = dict(prof["sections"])
-    R, S = sec.pop("routed", 0.0), sec.get("shared_experts", 0.0)
+    R, S = _routed_seconds(sec), sec.get("shared_experts", 0.0)
+    sec = {k: v for k, v in sec.items() if not k.startswith("routed")}
     if prof["worker_compute_seconds"]:
         C = max(prof["worker_compute_seconds"])
         exposed = min(R, max(0.0, C - S))
@@ -267,7 +292,7 @@ def _breakdown_record(prof: dict) -> dict:
 
 def _dispatch_record(prof: dict, moe_layers: int, floor_s: float) -> dict:
     sec = prof["sections"]
-    R, S = sec.get("routed", 0.0), sec.get("shared_experts", 0.0)
+    R, S = _routed_seconds(sec), sec.get("shared_experts", 0.0)
     C = max(prof["worker_compute_seconds"])
     overhead = (R + S - max(S, C)) / moe_layers
     us = lambda s: s / moe_layers * 1e6  # noqa: E731 seconds per step -> us per MoE layer
@@ -519,12 +544,10 @@ def _run(args: argparse.Namespace) -> int:
     rates: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # system -> batch -> rounds
     engine_alongside: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # the engine's rounds next to s
     breakdown: dict[str, dict] = {}
+    engine_profs: dict[str, dict] = {}  # the engine's profiled step next to each cluster's
     dispatch: dict[str, dict] = {}
     memory: list[dict] = []
 
-    # The engine's own step profile at the breakdown batch.
-    breakdown["engine"] = _breakdown_record(
-        _profiled_step(engine_runs[bd_batch], _EngineProbe(engine), args.tokens, args.rounds))
     memory.append({"process": "bench (single-process engine)", "peak_rss_bytes": peak_rss_bytes()})
 
     started_ray = not ray.is_initialized()
@@ -543,9 +566,12 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"batch {b}: {system} {median(r[system]):.1f} tok/s, engine {median(r['engine']):.1f} "
                           f"tok/s", flush=True)
                 probe = _ClusterProbe(cluster.router, cluster.workers)
-                prof = _profiled_step(_cluster_runner(cluster.stub, prompts[bd_batch]), probe, args.tokens,
-                                      args.rounds)
-                breakdown[system] = {**_breakdown_record(prof), "router_profile_via": probe.hook}
+                profs = _profiled_steps({"engine": (engine_runs[bd_batch], _EngineProbe(engine)),
+                                         system: (_cluster_runner(cluster.stub, prompts[bd_batch]), probe)},
+                                        args.tokens, args.rounds)
+                prof, engine_profs[system] = profs[system], profs["engine"]
+                breakdown[system] = {**_breakdown_record(prof), "router_profile_via": probe.hook,
+                                     "engine_alongside": _breakdown_record(profs["engine"])}
                 floor = pipe_round_trip(bd_batch * spec.hidden_size * 4)
                 dispatch[system] = _dispatch_record(prof, moe_layers, floor)
                 direct = direct_round_trip(transport, cluster.workers, bd_batch, spec.hidden_size, engine.model.dtype)
@@ -564,6 +590,9 @@ def _run(args: argparse.Namespace) -> int:
         if started_ray:
             ray.shutdown()
 
+    # The engine's column: its profile taken next to the fast-transport cluster (each cluster keeps its own twin).
+    breakdown = {"engine": _breakdown_record(engine_profs.get("cluster-socket") or next(iter(engine_profs.values()))),
+                 **breakdown}
     if not args.no_reference:
         from cluster.reference import load_reference
 
@@ -594,6 +623,9 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
             breakdown) -> dict:
     tables = {}
     moe_layers = len(spec.moe_layers)
+    from cluster.settings import ClusterSettings
+
+    worker_threads = ClusterSettings.model_fields["torch_threads"].default
 
     throughput = []
     for b in batches:
@@ -607,13 +639,20 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
                 row["ratio_to_engine"][s] = median(rates[s][b]) / median(engine_alongside[s][b])
         throughput.append(row)
     print(f"\n1. decode tokens/s on {model_dir.name} ({spec.model_type}), {args.prompt_len}-token prompts, "
-          f"{args.tokens} tokens each; ratio = system / engine rounds taken alongside it")
+          f"{args.tokens} tokens each; ratio = system / engine rounds taken alongside it\n"
+          f"   torch threads: engine and transformers {args.torch_threads}, router {args.torch_threads}, each of "
+          f"{args.workers} expert workers {worker_threads} ({os.cpu_count()} CPUs)")
     cell = lambda row, s: (f"{row['tokens_per_s'][s]:.1f}" if s in row["tokens_per_s"] else "-")  # noqa: E731
     ratio = lambda row, s: (f"{row['ratio_to_engine'][s]:.2f}x" if s in row["ratio_to_engine"] else "-")  # noqa: E731
     tables["throughput"] = print_table(
         ["batch", "engine", "cluster-ray", "x engine", "cluster-socket", "x engine", "transformers", "x engine"],
         [[r["batch"], cell(r, "engine"), cell(r, "cluster-ray"), ratio(r, "cluster-ray"), cell(r, "cluster-socket"),
           ratio(r, "cluster-socket"), cell(r, "transformers"), ratio(r, "transformers")] for r in throughput])
+    cpus = os.cpu_count() or 1
+    if args.torch_threads < cpus:
+        print(f"   note: the engine computes on {args.torch_threads} of {cpus} CPUs while the cluster's router and "
+              f"workers can use all of them: a ratio above 1 partly reflects parallelism the engine was not given "
+              f"(--torch-threads {cpus} compares at equal cores)")
 
     print(f"\n2. latency: {args.streams} concurrent GenerateStream calls on cluster-socket, arriving "
           f"{args.stagger_ms:g} ms apart, {args.tokens} tokens each (client side)")
@@ -643,7 +682,8 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
     tables["breakdown"] = print_table(
         ["category", *systems],
         [[c, *[f"{breakdown[s]['shares'][c] * 100:.1f}%" for s in systems]] for c in CATEGORIES]
-        + [["step ms", *[breakdown[s]["step_ms"] for s in systems]]])
+        + [["step ms", *[breakdown[s]["step_ms"] for s in systems]],
+           ["engine step ms alongside", "", *[breakdown[s]["engine_alongside"]["step_ms"] for s in systems[1:]]]])
 
     targets = _targets(throughput, bd_batch, dispatch, breakdown)
     print("\ntargets (not asserted):")
@@ -653,6 +693,7 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
             "settings": {"batches": batches, "breakdown_batch": bd_batch, "prompt_len": args.prompt_len,
                          "tokens": args.tokens, "rounds": args.rounds, "workers": args.workers,
                          "streams": args.streams, "stagger_ms": args.stagger_ms, "torch_threads": args.torch_threads,
+                         "worker_torch_threads": worker_threads,
                          "hidden_size": spec.hidden_size,
                          "moe_layers": moe_layers},
             "throughput": {"unit": "decode tokens/s", "results": throughput},
@@ -676,11 +717,12 @@ def _targets(throughput, bd_batch, dispatch, breakdown) -> list[dict]:
 
     if "cluster-socket" in row["ratio_to_engine"]:
         v = row["ratio_to_engine"]["cluster-socket"]
-        e, c = breakdown["engine"]["ms_per_step"], breakdown["cluster-socket"]["ms_per_step"]
+        cl = breakdown["cluster-socket"]
+        e, c = cl["engine_alongside"]["ms_per_step"], cl["ms_per_step"]
         extra = sorted(((c[k] - e[k], k) for k in CATEGORIES), reverse=True)[:3]
-        blocker = ("Extra ms per step over the engine, largest first: "
+        blocker = ("Profiled side by side, ms per step over the engine, largest first: "
                    + ", ".join(f"{k} {d:+.1f}" for d, k in extra)
-                   + f" (step {breakdown['cluster-socket']['step_ms']:.1f} vs {breakdown['engine']['step_ms']:.1f} ms)")
+                   + f" (step {cl['step_ms']:.1f} vs {cl['engine_alongside']['step_ms']:.1f} ms)")
         add("cluster-socket >= 0.9x engine", v, 0.9, v >= 0.9,
             f"cluster-socket at batch {bd_batch}: {v:.2f}x the engine (target >= 0.9x)" + ("" if v < 0.9 else ": met"),
             blocker)

@@ -72,6 +72,7 @@ def test_bench_serving_quick_run(ray_session, tiny_model, tmp_path, capsys):
     for t in d["transports"].values():
         for k in ("routed_us", "worker_compute_us", "overhead_us", "floor_us", "overhead_over_floor"):
             assert _positive(t[k]), (k, t)
+        assert _positive(t["direct_round_trip_us"]) and math.isfinite(t["direct_overhead_us"])
         assert math.isfinite(t["client_side_overhead_us"])
 
     # 4. peak RSS of this process, the router and both workers of each cluster.
