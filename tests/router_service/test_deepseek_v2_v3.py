@@ -41,6 +41,7 @@ from router_service.kv_cache import KVCache
 from router_service.model import CausalLM, ForwardBatch, LayerWeights, SeqChunk
 from router_service.sampling import SamplingParams
 from tests.router_service.test_reference_equivalence import (
+    assert_greedy_batch_matches,
     BATCH_MAX_TOKENS,
     BF16_COMPUTE_RTOL,
     HIDDEN,
@@ -191,14 +192,7 @@ def test_logits_match_reference(get_ref, family, mode):
 @pytest.mark.parametrize("family", FAMILIES + EXTRA_FAMILIES)
 def test_greedy_batch_matches_reference_alone(get_ref, family):
     """Prompts of lengths 1..20 batched through our engine = transformers' greedy on each alone."""
-    ref = get_ref(family)
-    got = engine(ref.ckpt).generate(PROMPTS, greedy_params())
-    for prompt, completion in zip(PROMPTS, got):
-        want, step_logits = ref.greedy(prompt, MAX_NEW)
-        top2 = step_logits.topk(2, dim=-1).values
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        assert margin > MIN_GREEDY_MARGIN, f"{family}: reference top-2 margin {margin:.2g} too small; reseed"
-        assert completion.token_ids == want, f"{family}, prompt of {len(prompt)} tokens"
+    assert_greedy_batch_matches(get_ref(family), family)
 
 
 def test_group_limits_and_score_bias_change_the_output(get_ref):

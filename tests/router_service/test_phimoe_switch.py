@@ -36,6 +36,7 @@ from router_service.engine import EngineSettings, load_engine
 from router_service.model import CausalLM, LayerWeights, sparsemixer_top2, switch_capacity_keep
 from router_service.sampling import SamplingParams
 from tests.router_service.test_reference_equivalence import (
+    assert_greedy_batch_matches,
     BATCH_MAX_TOKENS,
     HIDDEN,
     LOGIT_ATOL,
@@ -124,14 +125,7 @@ def test_logits_match_reference(get_ref, family, mode):
 @pytest.mark.parametrize("family", FAMILIES + EXTRA_FAMILIES)
 def test_greedy_batch_matches_reference_alone(get_ref, family):
     """Prompts of lengths 1, 7, 13, 20 batched through our engine = transformers' greedy on each alone."""
-    ref = get_ref(family)
-    got = engine(ref.ckpt).generate(PROMPTS, greedy_params())
-    for prompt, completion in zip(PROMPTS, got):
-        want, step_logits = ref.greedy(prompt, MAX_NEW)
-        top2 = step_logits.topk(2, dim=-1).values
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        assert margin > MIN_GREEDY_MARGIN, f"{family}: reference top-2 margin {margin:.2g} too small; reseed"
-        assert completion.token_ids == want, f"{family}, prompt of {len(prompt)} tokens"
+    assert_greedy_batch_matches(get_ref(family), family)
 
 
 @pytest.mark.parametrize("strip", ["norm_bias", "o_bias", "lm_head_bias", "jitter_mask", "longrope"])
