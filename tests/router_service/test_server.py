@@ -8,11 +8,8 @@ timed-out requests give their KV slots back.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -23,10 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from cluster.make_model import PRESETS
 from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
-from router_service.async_engine import AsyncEngine
 from router_service.engine import Engine, EngineSettings, load_engine
 from router_service.sampling import SamplingParams
-from router_service.server import start_server
 
 MAX_MODEL_LEN = 128
 MAX_NUM_SEQS = 4
@@ -35,39 +30,12 @@ RPC_TIMEOUT = 60  # seconds; every call has a deadline so that a hang fails inst
 TINY = PRESETS["tiny"]
 
 
-@dataclass
-class Served:
-    engine: Engine  # the engine behind the server (its thread steps it; tests only read counters)
-    port: int
-    model_path: str
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
 @pytest.fixture(scope="module")
-def served(tiny_model):
-    engine = load_engine(tiny_model, EngineSettings(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
-                                                    max_queue=MAX_QUEUE))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="test-grpc-loop", daemon=True)
-    thread.start()
-
-    async def start():
-        async_engine = AsyncEngine(engine, asyncio.get_running_loop())  # needs the loop it runs on
-        server, port, _ = await start_server(async_engine, None, "127.0.0.1", 0, "tiny", tiny_model)
-        return async_engine, server, port
-
-    async_engine, server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
-    try:
-        yield Served(engine, port, tiny_model)
-    finally:
-        async_engine.stop()
-        asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def served(local_server):
+    """The tiny model's engine behind a real gRPC server on loopback (conftest's LocalServer, no Ray)."""
+    srv = local_server(EngineSettings(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, max_queue=MAX_QUEUE))
+    yield srv
+    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -331,10 +299,10 @@ def test_tokenize_round_trips(stub, reference):
     assert list(special.token_ids) == tok.encode(text)  # what a text prompt is tokenized to
 
 
-def test_model_info_matches_the_spec(stub, served):
+def test_model_info_matches_the_spec(stub, tiny_model):
     info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=RPC_TIMEOUT)
     # Expected values written from the preset, independently of the spec the server reads.
-    assert info.model_name == "tiny" and info.model_path == served.model_path
+    assert info.model_name == "tiny" and info.model_path == tiny_model
     assert info.model_type == "deepseek"
     assert info.vocab_size == TINY.vocab_size == 129280
     assert info.max_model_len == MAX_MODEL_LEN
