@@ -121,10 +121,13 @@ class ExpertGroup:
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
         order = torch.argsort(rows, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(rows, minlength=le.gate_up.shape[0]).tolist()
-        token, weight = token[order], weight[order]
+        counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
+        token, weight, rows = token[order], weight[order], rows[order]
+        if _batched_pays(counts, hidden.dtype):
+            y = _batched_swiglu(hidden, token, rows, counts, le)  # [P, H]
+            return out.index_add_(0, token, y * weight[:, None].to(y.dtype))
         start = 0
-        for r, n in enumerate(counts):
+        for r, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             idx = token[start : start + n]  # [n_e]
@@ -132,3 +135,33 @@ class ExpertGroup:
             out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
             start += n
         return out
+
+
+def _batched_pays(counts: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether one padded batched matmul over every hosted row beats a matmul per hit row.
+
+    Measured on CPU (oneDNN, AMX): with 16-bit weights a small-m matmul streams weights at about half
+    the rate of a batched one, so the batched form wins once at least half the rows are hit (it reads
+    every hosted row's weights, hit or not) and padding to the busiest row wastes at most 4x the rows.
+    In fp32 the two run at the same rate, so the per-row loop (no padding, no unhit rows) stays.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    hit = int((counts > 0).sum())
+    return 2 * hit >= counts.numel() and counts.numel() * int(counts.max()) <= 4 * int(counts.sum())
+
+
+def _batched_swiglu(hidden: torch.Tensor, token: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                    le: LayerExperts) -> torch.Tensor:
+    """swiglu of every pair in one bmm per projection: pairs sorted by row, returns y [P, H] in that order.
+
+    Each row's tokens are packed into a zero-padded block [n, M, H], M the busiest row's count.
+    """
+    n, M = counts.numel(), int(counts.max())
+    first = torch.cumsum(counts, 0) - counts  # [n] index of each row's first pair
+    pos = torch.arange(rows.numel(), device=rows.device) - first[rows]  # [P] position within its row's block
+    x = hidden.new_zeros(n, M, hidden.shape[1])  # [n, M, H]
+    x[rows, pos] = hidden[token]
+    gate, up = torch.bmm(x, le.gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [n, M, I] each
+    y = torch.bmm(F.silu(gate) * up, le.down.transpose(1, 2))  # [n, M, H]
+    return y[rows, pos]

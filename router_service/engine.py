@@ -46,7 +46,8 @@ class EngineSettings(BaseModel):
     max_batched_tokens: int = Field(2048, ge=1, description="Most tokens in one forward pass; longer prompts prefill in chunks.")
     max_queue: int = Field(256, ge=0, description="Most requests waiting for admission; beyond it new ones are refused.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype. auto: float32 on CPU, the checkpoint's dtype on GPU.")
+        "auto", description="Compute dtype. auto: the checkpoint's dtype on GPU, and on CPUs with native bf16 "
+        "matmuls (AVX512-BF16 / AMX) for a bf16 checkpoint; float32 otherwise.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
     routing_bias: dict[int, float] = Field(
         default_factory=dict, description="Added to the gate logits of these expert ids in every MoE layer: "
@@ -65,8 +66,21 @@ class EngineSettings(BaseModel):
     def torch_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":
             return resolve_dtype(self.dtype)
-        # CPU matmuls in bf16/fp16 are slow on most CPUs; compute there in fp32.
-        return torch.float32 if device.type == "cpu" else resolve_dtype(checkpoint_dtype)
+        dtype = resolve_dtype(checkpoint_dtype)
+        if device.type == "cpu" and not (dtype == torch.bfloat16 and cpu_has_native_bf16()):
+            # Without native 16-bit matmuls a CPU converts every weight on the fly: fp32 is faster there.
+            return torch.float32
+        return dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN runs bf16 matmuls natively, reading half the bytes of fp32 (decode is
+    bound by reading weights, so a bf16 checkpoint computed in bf16 is the fast path, as on GPU)."""
+    import torch.cpu
+
+    # Private but stable helpers (torch's compiler uses them); oneDNN's own check also says yes on plain
+    # AVX512 CPUs, where bf16 is emulated and slower than fp32.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""ExpertGroup.run: both compute paths (a matmul per hit row, one padded bmm) against a per-pair reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_workers.experts import ExpertGroup, _batched_pays, swiglu
+from router_service.engine import EngineSettings, cpu_has_native_bf16
+
+E, H, I = 8, 32, 16  # noqa: E741
+
+
+def group(dtype: torch.dtype, hosted: list[int]) -> ExpertGroup:
+    gen = torch.Generator().manual_seed(0)
+    g = ExpertGroup(E)
+    gate_up = torch.randn(len(hosted), 2 * I, H, generator=gen) * 0.2  # [n, 2I, H]
+    down = torch.randn(len(hosted), H, I, generator=gen) * 0.2  # [n, H, I]
+    g._set(3, hosted, gate_up.to(dtype), down.to(dtype))
+    return g
+
+
+def reference(g: ExpertGroup, hidden, token, expert, weight) -> torch.Tensor:
+    """One pair at a time, in fp32."""
+    le = g.layers[3]
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
+    for t, e, w in zip(token.tolist(), expert.tolist(), weight.tolist()):
+        r = int(le.slot[e])
+        out[t] += w * swiglu(hidden[t : t + 1].float(), le.gate_up[r].float(), le.down[r].float())[0]
+    return out
+
+
+def pairs(T: int, K: int, hosted: list[int], seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen)
+    choice = torch.stack([torch.tensor(hosted)[torch.randperm(len(hosted), generator=gen)[:K]] for _ in range(T)])
+    token = torch.arange(T).repeat_interleave(K)
+    return hidden, token, choice.flatten(), torch.rand(T * K, generator=gen)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 16], ids=lambda t: f"T{t}")
+def test_run_matches_per_pair_reference(dtype, tol, T):
+    hosted = [0, 2, 3, 5, 6, 7]
+    g = group(dtype, hosted)
+    hidden, token, expert, weight = pairs(T, 2, hosted)
+    out = g.run(3, hidden.to(dtype), token, expert, weight.to(dtype))
+    ref = reference(g, hidden.to(dtype), token, expert, weight.to(dtype))
+    assert out.dtype == dtype and out.shape == (T, H)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_batched_path_equals_row_loop_in_bf16():
+    hosted = list(range(E))
+    g = group(torch.bfloat16, hosted)
+    hidden, token, expert, weight = pairs(24, 3, hosted)
+    counts = torch.bincount(expert, minlength=E)
+    assert _batched_pays(counts, torch.bfloat16)  # this batch takes the bmm path
+    out = g.run(3, hidden.bfloat16(), token, expert, weight.bfloat16())
+    loop = torch.zeros(24, H, dtype=torch.bfloat16)  # what the per-row path computes
+    le = g.layers[3]
+    for e in hosted:
+        sel = expert == e
+        y = swiglu(hidden[token[sel]].bfloat16(), le.gate_up[int(le.slot[e])], le.down[int(le.slot[e])])
+        loop.index_add_(0, token[sel], y * weight[sel, None].bfloat16())
+    torch.testing.assert_close(out.float(), loop.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_batched_path_choice():
+    full = torch.tensor([3, 2, 4, 1, 2, 3, 1, 2])  # every row hit, evenly
+    assert _batched_pays(full, torch.bfloat16) and _batched_pays(full, torch.float16)
+    assert not _batched_pays(full, torch.float32), "fp32: the per-row loop is as fast and never pads"
+    few = torch.tensor([3, 0, 0, 0, 2, 0, 0, 0])  # 2 of 8 rows hit: bmm would read 4x the weights
+    assert not _batched_pays(few, torch.bfloat16)
+    skewed = torch.tensor([40, 1, 1, 1, 1, 1, 1, 1])  # padding every row to 40 wastes > 4x
+    assert not _batched_pays(skewed, torch.bfloat16)
+
+
+def test_unhosted_expert_is_named():
+    g = group(torch.bfloat16, [0, 1, 2, 3, 4, 5])
+    hidden, token, expert, weight = pairs(8, 2, [0, 1, 2, 3, 4, 5])
+    expert[5] = 7
+    with pytest.raises(KeyError, match=r"layer 3: experts \[7\] are not hosted here"):
+        g.run(3, hidden.bfloat16(), token, expert, weight.bfloat16())
+
+
+def test_auto_dtype_policy():
+    cpu = torch.device("cpu")
+    auto = EngineSettings()
+    assert auto.torch_dtype("float32", cpu) == torch.float32
+    assert auto.torch_dtype("float16", cpu) == torch.float32  # no native fp16 matmul path measured on CPU
+    # A bf16 checkpoint computes in bf16 where the CPU has native bf16 matmuls (this machine: AMX), else fp32.
+    assert auto.torch_dtype("bfloat16", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert auto.torch_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert EngineSettings(dtype="float32").torch_dtype("bfloat16", cpu) == torch.float32
