@@ -111,10 +111,11 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
 
-    def _deliver(self, item: StepOutput | BaseException, request_id: str) -> None:
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+    def _deliver(self, items: list[tuple[str, StepOutput | BaseException]]) -> None:
+        for request_id, item in items:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
 
     def _run(self) -> None:
         while not self._stopped:
@@ -127,11 +128,11 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as err:  # a failed step fails its requests, never the server
                 log.exception("engine step failed")
-                for request_id in self.engine.fail_running():
-                    self.loop.call_soon_threadsafe(self._deliver, EngineStepError(str(err)), request_id)
+                failed = [(request_id, EngineStepError(str(err))) for request_id in self.engine.fail_running()]
+                self.loop.call_soon_threadsafe(self._deliver, failed)
                 continue
-            for out in outputs:
-                self.loop.call_soon_threadsafe(self._deliver, out, out.request_id)
+            if outputs:  # one wake-up of the event loop per step, not one per request: it shares our GIL
+                self.loop.call_soon_threadsafe(self._deliver, [(out.request_id, out) for out in outputs])
 
 
 class EngineStepError(RuntimeError):
