@@ -30,9 +30,11 @@ class ClusterSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind; 0.0.0.0 in a pod.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of router 0; 0 picks a free port.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Router engine settings.")
-    transport: Literal["socket", "ray"] = Field(
-        "socket", description="Expert dispatch data plane: 'socket' (fast: raw tensors over Unix/TCP sockets) "
-                              "or 'ray' (reference: one Ray actor call per worker per MoE layer).")
+    transport: Literal["socket", "ray", "collective"] = Field(
+        "socket", description="Expert dispatch data plane: 'socket' (fast: raw tensors over Unix/TCP sockets), "
+                              "'ray' (reference: one Ray actor call per worker per MoE layer) or 'collective' "
+                              "(a torch.distributed group per worker: NCCL GPU to GPU where router and worker "
+                              "hold GPUs, else gloo).")
     data_plane_host: str = Field(
         "127.0.0.1", description="Address expert workers' TCP data plane binds: 'node' for the node's IP "
         "(multi-node clusters: routers on other nodes connect there); same-node routers use Unix sockets.")

@@ -10,6 +10,7 @@ Shape legend: T_w tokens sent to this worker, P_w pairs, H hidden.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -18,6 +19,7 @@ import time
 import torch
 
 from expert_workers.checkpoint import Checkpoint, resolve_dtype
+from expert_workers.collective import LinkServer, resolve_backend
 from expert_workers.experts import ExpertGroup
 from expert_workers.wire import ExpertServer
 
@@ -41,7 +43,11 @@ class ExpertWorker:
         self.compute_seconds = 0.0  # expert compute time, for the benchmarks' step breakdown
         self.calls = 0
         # "node": this node's IP, so routers on other nodes reach it (multi-node clusters); else an address.
-        self.server = ExpertServer(self.run, self._node_ip() if data_plane_host == "node" else data_plane_host)
+        self.data_plane_host = self._node_ip() if data_plane_host == "node" else data_plane_host
+        self.server = ExpertServer(self.run, self.data_plane_host)
+        self._links: dict[int, LinkServer] = {}  # CollectiveTransport links, by id; each removes itself on exit
+        self._link_ids = itertools.count()
+        self._links_lock = threading.Lock()
 
     @staticmethod
     def _node_ip() -> str:
@@ -55,6 +61,31 @@ class ExpertWorker:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "unix": self.server.unix_path,
                 "tcp": self.server.tcp_address}
+
+    def open_link(self, backend: str = "auto", router_cuda: bool = False, timeout: float = 60.0) -> dict:
+        """Host one CollectiveTransport link (this worker is rank 1) and serve it on a thread.
+
+        Returns where the router joins it and the backend both ends use; the link ends when
+        the router sends CLOSE or goes away."""
+        gpu = self.device.type == "cuda"
+        resolved = resolve_backend(backend, router_cuda, gpu)
+        device = torch.device("cuda", torch.cuda.current_device()) if gpu else self.device  # the link thread's GPU
+        # The link's thread keeps NCCL outputs on the GPU; with gloo, LinkServer copies them to host memory.
+        server = LinkServer(self.run_on_device, self.data_plane_host, resolved, timeout, device, self._link_closed)
+        with self._links_lock:
+            link_id = next(self._link_ids)
+            self._links[link_id] = server
+        return {**server.rendezvous, "link_id": link_id}
+
+    def _link_closed(self, server: LinkServer) -> None:
+        with self._links_lock:
+            self._links = {i: s for i, s in self._links.items() if s is not server}
+
+    def open_links(self) -> int:
+        """Collective links being served now (each is a thread)."""
+        with self._links_lock:
+            return sum(s.thread.is_alive() for s in self._links.values())
+
     @staticmethod
     def _assigned_gpu() -> bool:
         try:
@@ -77,7 +108,14 @@ class ExpertWorker:
 
     def run(self, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
             weight: torch.Tensor) -> torch.Tensor:
-        """Weighted expert outputs for the rows sent: hidden [T_w, H]; token, expert, weight [P_w] -> [T_w, H]."""
+        """Weighted expert outputs for the rows sent: hidden [T_w, H]; token, expert, weight [P_w] -> [T_w, H].
+
+        On the CPU, for the socket and Ray-call transports; `run_on_device` leaves it on the worker's device."""
+        return self.run_on_device(layer, hidden, token, expert, weight).cpu()
+
+    def run_on_device(self, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+        """As `run`, with the output [T_w, H] on this worker's device (the collective transport's NCCL links)."""
         d = self.device
         started = time.perf_counter()
         out = self.group.run(layer, hidden.to(d), token.to(d), expert.to(d), weight.to(d))
@@ -88,7 +126,7 @@ class ExpertWorker:
             self.tokens[layer] += counts
             self.compute_seconds += time.perf_counter() - started
             self.calls += 1
-        return out.cpu() if d.type != "cpu" else out
+        return out
 
     def load_replicas(self, hosted: dict[int, list[int]]) -> dict:
         """Read more replicas from the checkpoint while serving continues; returns bytes and seconds."""

@@ -27,9 +27,10 @@ PROMPTS = [[5, 17, 300, 42], [7], [1000, 2000, 3000], [9, 9, 9, 9, 9]]
 TOKENS = 80
 
 
-@pytest.fixture(scope="module")
-def cluster(ray_session, tiny_model):
-    settings = ClusterSettings(model=tiny_model, num_workers=2, port=0, engine=ENGINE,
+@pytest.fixture(scope="module", params=["socket", "collective"])
+def cluster(ray_session, tiny_model, request):
+    """A cluster per data plane: each must notice a dead peer at once (a closed connection), not hang."""
+    settings = ClusterSettings(model=tiny_model, num_workers=2, port=0, engine=ENGINE, transport=request.param,
                                rebalance_below_balancedness=None, autoscaling=AutoscalingPolicy(interval_seconds=0.5))
     controller, ports = start_cluster(settings)
     try:
@@ -116,3 +117,7 @@ def test_killed_router_restarts_and_serves_again(cluster):
             assert time.monotonic() < deadline, "router did not come back"
             time.sleep(0.5)
     assert len(response.token_ids) == 4
+    if ray.get(controller.__ray_call__.remote(lambda c: c.settings.transport)) == "collective":
+        # the dead router's links ended on the workers (closed connections), the new router's are served
+        workers = ray.get(controller.__ray_call__.remote(lambda c: list(c.workers.values())))
+        assert ray.get([w.open_links.remote() for w in workers]) == [1] * len(workers)

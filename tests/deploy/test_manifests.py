@@ -350,8 +350,8 @@ def test_router_fits_only_on_the_head(raycluster, monkeypatch):
 
 def test_expert_workers_are_reachable_from_the_head(raycluster, monkeypatch):
     settings = head_settings(raycluster, monkeypatch)
-    # Router on the head, expert workers on GPU pods: a socket data plane must bind the pod's IP.
-    assert settings.transport != "socket" or settings.data_plane_host == "node"
+    # Router on the head, expert workers on GPU pods: a socket or collective data plane must bind the pod's IP.
+    assert settings.transport == "ray" or settings.data_plane_host == "node"
 
 
 def test_head_outlives_the_drain(raycluster, monkeypatch):
