@@ -5,6 +5,17 @@ The dispatcher groups (token, expert) pairs by the worker that will run them
 needs, and adds the weighted partial sums that come back. How bytes travel is
 a `Transport` (router_service.transports).
 
+Several dispatches may be pending at once (two micro-batches: `CausalLM.forward`), each waited
+for in the order it was dispatched. On each worker's connection, though, at most one request is in
+flight: before sending a worker a new request the dispatcher first collects that worker's previous
+reply (`_drain`). A socket worker reads a request, computes, then writes its reply, and writes block
+once the connection's buffers fill (a few hundred KiB: a prefill's reply is MiBs); were the router
+to send a second request while the first reply sat unread, both sides could block on their writes
+for good. Collecting first rules that out, and keeps replies read in the order requests were sent.
+It costs little overlap: the router collects the previous reply only when the next request for that
+worker is ready, i.e. after the other micro-batch's attention and gate, which is what the previous
+reply's compute was to overlap.
+
 Threads: `dispatch` and `PendingExperts.wait` run on the engine thread;
 `set_plan` runs on another thread: it connects to new workers there, then
 queues the plan, which the engine thread adopts at the next step boundary
@@ -44,6 +55,7 @@ class _Message:
     expert: torch.Tensor  # [P_w]
     weight: torch.Tensor  # [P_w]
     handle: Any = None  # transport handle, or the exception raised while sending
+    result: Any = None  # once collected: the output [T_w, H] or the call's exception
 
 
 class _PendingCluster(PendingExperts):
@@ -66,6 +78,7 @@ class ClusterDispatcher(ExpertDispatcher):
         self.recovery_timeout = recovery_timeout
         self.recoveries: list[dict] = []  # engine thread: each failover with its pairs and seconds
         self._dead: set[int] = set()  # engine thread: workers seen failing; ids are never reused
+        self._in_flight: dict[int, _Message] = {}  # engine thread: per worker, the request sent, not yet collected
         self._lock = threading.Lock()
         self._next: tuple[PlacementPlan, threading.Event] | None = None  # guarded by _lock
         plan.validate()
@@ -99,6 +112,11 @@ class ClusterDispatcher(ExpertDispatcher):
         with self._lock:
             pending, self._next = self._next, None
         if pending is not None:
+            # A new plan may close connections (retain); collect what is on them first. Between steps
+            # nothing is in flight, but recovery adopts plans mid-step, with another micro-batch's
+            # requests still out (and a failed step may have left some).
+            for w in list(self._in_flight):
+                self._drain(w)
             self._apply(pending[0])
             pending[1].set()
 
@@ -116,22 +134,34 @@ class ClusterDispatcher(ExpertDispatcher):
             sel = worker == w
             rows, local = torch.unique(token[sel], return_inverse=True)  # rows this worker needs
             m = _Message(w, rows, local, expert[sel], weight[sel])
+            self._drain(w)  # one request in flight per connection (module docstring)
             try:
                 m.handle = self.transport.submit(w, layer, hidden[rows], local, m.expert, m.weight)
+                self._in_flight[w] = m
             except Exception as err:  # a dead peer can fail the send already
                 m.handle = err
             messages.append(m)
         return messages
 
+    def _drain(self, worker: int) -> None:
+        """Collect the reply of the request in flight to this worker, if any, into its message."""
+        m = self._in_flight.pop(worker, None)
+        if m is not None:
+            m.result = self.transport.collect([m.handle])[0]
+
     def _gather(self, messages: list[_Message], out: torch.Tensor) -> list[_Message]:
         """Add every successful partial output into out [T, H]; return the messages that failed."""
-        results = self.transport.collect([m.handle for m in messages])
+        todo = [m for m in messages if m.result is None]  # the rest were collected by _drain
+        for m, result in zip(todo, self.transport.collect([m.handle for m in todo])):
+            m.result = result
+            if self._in_flight.get(m.worker) is m:
+                del self._in_flight[m.worker]
         failed = []
-        for m, result in zip(messages, results):
-            if isinstance(result, BaseException):
+        for m in messages:
+            if isinstance(m.result, BaseException):
                 failed.append(m)
             else:
-                out.index_add_(0, m.rows, result.to(out.dtype))
+                out.index_add_(0, m.rows, m.result.to(out.dtype))
         return failed
 
     def _recover(self, layer: int, hidden: torch.Tensor, failed: list[_Message], out: torch.Tensor) -> None:

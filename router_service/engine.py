@@ -28,7 +28,7 @@ from expert_workers.experts import ExpertGroup
 from router_service.dispatch import ExpertDispatcher, LocalDispatcher
 from router_service.errors import InvalidRequest, QueueFull
 from router_service.kv_cache import KVCache
-from router_service.model import CausalLM, ForwardBatch, SeqChunk
+from router_service.model import MICRO_BATCH_MIN_TOKENS, CausalLM, ForwardBatch, SeqChunk
 from router_service.sampling import SamplingParams, make_generator, sample
 from router_service.tokenizer import TextStream, Tokenizer
 
@@ -57,6 +57,14 @@ class EngineSettings(BaseModel):
         "router probability, each expert taking at most ceil(factor * tokens in the step / experts) tokens, in "
         "token order; the rest skip the experts (routed output zero). An approximation for throughput: it "
         "changes outputs, and a sequence's output then depends on the batch it runs in. None (default): off.")
+    # An int in 1..2 rather than Literal[1, 2]: a Literal refuses the string "2" of MOE_SERVE_ENGINE__MICRO_BATCHES.
+    micro_batches: int = Field(
+        1, ge=1, le=2, description="2: two-micro-batch overlap, as DeepSeek serves. Each step's sequences split "
+        "into two micro-batches (whole sequences, balanced by token count) that take turns layer by layer: while "
+        "one's routed tokens are on the expert workers, the router computes the other's attention, gate and shared "
+        f"experts. Steps of one sequence or under {MICRO_BATCH_MIN_TOKENS} tokens run unsplit. Outputs equal 1's "
+        "up to float rounding; with switch_capacity_factor the capacity is per micro-batch. 1 (default): each MoE "
+        "layer's routed experts overlap only its shared experts.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -391,4 +399,5 @@ def load_engine(model_dir: str | Path, settings: EngineSettings | None = None,
         model.set_routing_bias(settings.routing_bias)
     if settings.switch_capacity_factor is not None:
         model.set_switch_capacity(settings.switch_capacity_factor)
+    model.micro_batches = settings.micro_batches
     return Engine(model, Tokenizer.from_model_dir(model_dir), settings, max_model_len, slots)

@@ -18,6 +18,10 @@ bias; optional biases on the attention output and the LM head come from the spec
 Routing (`CausalLM.route`, the one gate code path) follows the spec's `MoESpec`, unless the
 serving-time Switch option is on (`switch_capacity_factor`, see `switch_capacity_keep`).
 
+Two-micro-batch overlap (`micro_batches` 2, as DeepSeek serves): a step's sequences split into two
+micro-batches that take turns per layer, so that one's attention, gate and shared experts run while
+the other's routed tokens are on the expert workers (`CausalLM.forward`).
+
 Shape legend:
     T tokens in the step      S sequences in the step   B decode sequences
     H hidden                  Q query heads             N kv heads        D head dim
@@ -37,7 +41,7 @@ from tqdm.auto import tqdm
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import swiglu
 from expert_workers.spec import LongRopeScaling, MoESpec, ModelSpec
-from router_service.dispatch import ExpertDispatcher
+from router_service.dispatch import ExpertDispatcher, PendingExperts
 from router_service.kv_cache import KVCache
 from router_service.profiling import StepProfile
 from router_service.telemetry import LoadWindow
@@ -68,7 +72,8 @@ class ForwardBatch:
     prefill: list[tuple[int, SeqChunk]] = field(default_factory=list)  # (first row, chunk)
 
     @classmethod
-    def build(cls, chunks: list[SeqChunk], token_ids: list[int], device: torch.device) -> "ForwardBatch":
+    def build(cls, chunks: list[SeqChunk], token_ids: list[int] | torch.Tensor, device: torch.device
+              ) -> "ForwardBatch":
         positions, slots, last = [], [], []
         decode_rows, decode_slots, decode_lens, prefill = [], [], [], []
         row = 0
@@ -84,7 +89,8 @@ class ForwardBatch:
             row += c.n
             last.append(row - 1)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        batch = cls(as_long(token_ids), as_long(positions), as_long(slots), chunks, as_long(last), prefill=prefill)
+        ids = token_ids.to(device) if isinstance(token_ids, torch.Tensor) else as_long(token_ids)
+        batch = cls(ids, as_long(positions), as_long(slots), chunks, as_long(last), prefill=prefill)
         if decode_rows:
             batch.decode_rows = as_long(decode_rows)
             batch.decode_slots = decode_slots
@@ -92,6 +98,38 @@ class ForwardBatch:
             lens = as_long(decode_lens)
             batch.decode_mask = (torch.arange(batch.decode_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
         return batch
+
+    def select(self, indices: list[int]) -> "ForwardBatch":
+        """The batch of only these chunks (indices into `chunks`, kept in the order given): a micro-batch."""
+        starts = [0]
+        for c in self.chunks:
+            starts.append(starts[-1] + c.n)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in indices]).to(self.token_ids.device)  # [T']
+        return ForwardBatch.build([self.chunks[i] for i in indices], self.token_ids[rows], self.token_ids.device)
+
+
+# Fewest tokens in a step worth splitting into two micro-batches. Below it, a second round of
+# messages per MoE layer has little router work to hide behind (a judgement, not a measured optimum).
+MICRO_BATCH_MIN_TOKENS = 8
+
+
+def split_micro_batches(chunks: list[SeqChunk], min_tokens: int = MICRO_BATCH_MIN_TOKENS
+                        ) -> tuple[list[int], list[int]] | None:
+    """Two micro-batches of whole chunks (indices into `chunks`, each in step order) with token counts as
+    even as whole chunks allow, or None where the step should run unsplit (one sequence, < min_tokens tokens).
+
+    Largest chunk first, each to the micro-batch with fewer tokens so far (ties: the first): e.g.
+    chunk sizes 1 5 1 1 3 -> ([1, 3], [0, 2, 4]), 6 tokens against 5.
+    """
+    if len(chunks) < 2 or sum(c.n for c in chunks) < min_tokens:
+        return None
+    groups: tuple[list[int], list[int]] = ([], [])
+    tokens = [0, 0]
+    for i in sorted(range(len(chunks)), key=lambda i: -chunks[i].n):  # stable: equal sizes keep step order
+        g = 0 if tokens[0] <= tokens[1] else 1
+        groups[g].append(i)
+        tokens[g] += chunks[i].n
+    return sorted(groups[0]), sorted(groups[1])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,8 +166,9 @@ def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Ten
 def switch_capacity_keep(expert: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
     """Switch Transformer's expert capacity: which tokens [T] keep their top-1 expert `expert` [T].
 
-    Each expert takes at most capacity = ceil(capacity_factor * T / E) tokens of the step; the
-    earlier tokens of the flat batch keep their slot. E.g. T=6, E=2, factor 1.0: capacity 3;
+    Each expert takes at most capacity = ceil(capacity_factor * T / E) of the T tokens dispatched
+    together (a step, or a micro-batch); the earlier tokens of the flat batch keep their slot.
+    E.g. T=6, E=2, factor 1.0: capacity 3;
     experts 0 0 0 0 1 0 -> keep T T T F T F (tokens 3 and 5 are the fourth and fifth for expert 0).
     """
     T = expert.shape[0]
@@ -277,6 +316,8 @@ class CausalLM:
         self.routing_bias: torch.Tensor | None = None  # [E] added to gate logits (skewed-load demos)
         # Switch routing (top-1 with expert capacity) instead of the family's gate; None: off.
         self.switch_capacity_factor: float | None = None
+        # 2: split each step into two micro-batches pipelined across layers (see forward); 1: off.
+        self.micro_batches = 1
         self.dtype = embed.dtype
         self.device = embed.device
         longrope = spec.rope_scaling if isinstance(spec.rope_scaling, LongRopeScaling) else None
@@ -360,23 +401,54 @@ class CausalLM:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """Logits of each sequence's last token: [S, V] in fp32."""
-        x = self.embed[batch.token_ids]  # [T, H]
-        cos, sin = self.cos[batch.positions, None, :], self.sin[batch.positions, None, :]  # [T, 1, D]
-        eps, prof = self.spec.rms_norm_eps, self.profile
+        """Logits of each sequence's last token: [S, V] in fp32, rows in chunk order.
+
+        With `micro_batches` 2 the step's sequences split into two micro-batches (`split_micro_batches`)
+        that take turns layer by layer: a micro-batch's MoE layer is finished (its routed experts waited
+        for) only after the other micro-batch has run its own finish, attention, gate, dispatch and shared
+        experts, so the router computes one while the other's routed tokens are on the expert workers.
+        Unsplit it is the same loop over one flow: each MoE layer waits right after its shared experts.
+        """
+        groups = split_micro_batches(batch.chunks) if self.micro_batches == 2 else None
+        flows = [self._embed(b) for b in ([batch] if groups is None else [batch.select(g) for g in groups])]
         for i, lw in enumerate(self.layers):
-            with prof("attention"):
-                h = decoder_norm(x, lw.input_norm, lw.input_norm_bias, eps)
-                x = x + self._attention(i, lw, h, cos, sin, batch, kv)
-                h = decoder_norm(x, lw.post_norm, lw.post_norm_bias, eps)
-            if lw.router is not None:
-                x = x + self._moe(i, lw, h)
-            else:
-                with prof("dense_mlp"):
-                    x = x + swiglu(h, lw.mlp_gate_up, lw.mlp_down)
-        with prof("lm_head"):
-            last = decoder_norm(x[batch.last_index], self.norm, self.norm_bias, eps)  # [S, H]
+            for flow in flows:
+                self._finish_moe(flow)  # layer i-1 (with two flows, the other one ran since its dispatch)
+                self._layer(i, lw, flow, kv)
+        for flow in flows:
+            self._finish_moe(flow)
+        with self.profile("lm_head"):
+            if groups is None:
+                last = flows[0].x[batch.last_index]  # [S, H]
+            else:  # the micro-batches' last rows, one after the other, put back in chunk order
+                rows = torch.cat([f.x[f.batch.last_index] for f in flows])  # [S, H]
+                order = torch.tensor(groups[0] + groups[1], device=rows.device)  # [S] chunk of each row
+                last = torch.empty_like(rows).index_copy_(0, order, rows)
+            last = decoder_norm(last, self.norm, self.norm_bias, self.spec.rms_norm_eps)
             return F.linear(last, self.lm_head, self.lm_head_bias).float()  # [S, V]
+
+    def _embed(self, batch: ForwardBatch) -> "_Flow":
+        cos, sin = self.cos[batch.positions, None, :], self.sin[batch.positions, None, :]  # [T, 1, D]
+        return _Flow(batch, self.embed[batch.token_ids], cos, sin)
+
+    def _layer(self, layer: int, lw: LayerWeights, flow: "_Flow", kv: KVCache) -> None:
+        """Layer `layer` of one flow up to its MoE dispatch and shared experts (dense layers: to the end)."""
+        eps, prof = self.spec.rms_norm_eps, self.profile
+        with prof("attention"):
+            h = decoder_norm(flow.x, lw.input_norm, lw.input_norm_bias, eps)
+            flow.x = flow.x + self._attention(layer, lw, h, flow.cos, flow.sin, flow.batch, kv)
+            h = decoder_norm(flow.x, lw.post_norm, lw.post_norm_bias, eps)
+        if lw.router is not None:
+            flow.moe = self._moe_start(layer, lw, h)
+        else:
+            with prof("dense_mlp"):
+                flow.x = flow.x + swiglu(h, lw.mlp_gate_up, lw.mlp_down)
+
+    def _finish_moe(self, flow: "_Flow") -> None:
+        """Add the flow's MoE layer in flight, if any, to its residual stream."""
+        if flow.moe is not None:
+            flow.x = flow.x + self._moe_finish(flow.moe)
+            flow.moe = None
 
     def _attention(self, layer: int, lw: LayerWeights, h: torch.Tensor, cos, sin, batch: ForwardBatch,
                    kv: KVCache) -> torch.Tensor:
@@ -474,10 +546,11 @@ class CausalLM:
         With `switch_capacity_factor` set, Switch Transformer's gate replaces the family's: K = 1,
         the expert with the highest softmax probability, weighted by that probability (no
         renormalisation, scaling, groups or choice bias), and tokens beyond an expert's capacity
-        in this step (`switch_capacity_keep`) get weight 0: they skip the experts, the residual
-        carries them. This changes outputs (an approximation for throughput), and since the
-        capacity scales with the step's token count, a sequence's output depends on the batch
-        it runs in.
+        among the tokens of `h` (`switch_capacity_keep`) get weight 0: they skip the experts, the
+        residual carries them. `h` is one dispatch's tokens: the step's, or with `micro_batches` 2
+        its micro-batch's, so the capacity is then per micro-batch. This changes outputs (an
+        approximation for throughput), and since the capacity scales with the dispatch's token
+        count, a sequence's output depends on the batch it runs in.
         """
         moe = self.spec.moe
         logits = F.linear(h.float(), lw.router)  # [T, E], fp32 as the references do
@@ -506,6 +579,11 @@ class CausalLM:
         return ids, weights.to(h.dtype)
 
     def _moe(self, layer: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """One MoE layer start to finish: [T, H] to add to the residual stream."""
+        return self._moe_finish(self._moe_start(layer, lw, h))
+
+    def _moe_start(self, layer: int, lw: LayerWeights, h: torch.Tensor) -> "_MoEInFlight":
+        """Gate, send the routed tokens, run the shared experts while they are away."""
         prof = self.profile
         with prof("gate"):
             ids, weights = self.route(lw, h)
@@ -525,8 +603,33 @@ class CausalLM:
                 out = swiglu(h, lw.shared_gate_up, lw.shared_down)  # [T, H]
                 if lw.shared_gate is not None:
                     out = out * torch.sigmoid(F.linear(h, lw.shared_gate))
-        with prof("routed"):
-            routed = pending.wait()  # [T, H]; Switch: [T', H] of the kept rows
-            if kept is not None:
-                routed = h.new_zeros(h.shape).index_copy_(0, kept, routed)
-        return routed if out is None else routed + out
+        return _MoEInFlight(pending, h, out, kept)
+
+    def _moe_finish(self, moe: "_MoEInFlight") -> torch.Tensor:
+        """Wait for the routed experts and add the shared ones: [T, H]."""
+        with self.profile("routed"):
+            routed = moe.pending.wait()  # [T, H]; Switch: [T', H] of the kept rows
+            if moe.kept is not None:
+                routed = moe.h.new_zeros(moe.h.shape).index_copy_(0, moe.kept, routed)
+        return routed if moe.shared is None else routed + moe.shared
+
+
+@dataclass
+class _MoEInFlight:
+    """One flow's MoE layer whose routed tokens are away: what finishing it needs."""
+
+    pending: PendingExperts
+    h: torch.Tensor  # [T, H] the layer's input (Switch: dropped rows get zeros of its shape)
+    shared: torch.Tensor | None  # [T, H] shared experts' output; None without shared experts
+    kept: torch.Tensor | None  # Switch: [T'] rows sent; None: every row
+
+
+@dataclass
+class _Flow:
+    """A step's batch, or one micro-batch of it, on its way through the layers."""
+
+    batch: ForwardBatch
+    x: torch.Tensor  # [T, H] residual stream
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D]
+    moe: _MoEInFlight | None = None  # its latest MoE layer until finished

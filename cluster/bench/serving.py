@@ -10,6 +10,9 @@ One checkpoint, the same random prompts, five figure groups:
                minus 1-token run. Each cluster is started once, measured at every batch size in rounds
                that alternate with the engine, and stopped; its ratio is to the engine's rounds taken
                alongside it. transformers alternates with the engine the same way.
+               `--micro-batches 1,2` adds "cluster-socket-mb2": the fast-transport cluster once more,
+               its router splitting each step into two micro-batches (EngineSettings.micro_batches),
+               reported also as a ratio to cluster-socket (plain, and through each one's engine ratio).
 2. latency     `--streams` concurrent GenerateStream calls on the fast-transport cluster, arriving
                `--stagger-ms` apart: time to first token and inter-token latency (p50, p99), taken
                client side from message arrival times.
@@ -33,10 +36,12 @@ data plane, so
     dispatch overhead per MoE layer = (R + S - max(S, C)) / MoE layers
 
 and the routed compute exposed on the router's step is max(0, C - S). A worker's compute always lies
-inside its layer's R + S window, so this is never negative. The workers' counters are cumulative, so C
-is the max of per-step totals, not the sum over layers of each layer's slower worker: a layer's
-straggler (routing imbalance, a worker descheduled on a busy machine) therefore counts as overhead
-here, as it is a cost of distributing the layer, though not of moving the bytes.
+inside its layer's R + S window, so this is never negative; except with two micro-batches, where the
+compute also hides behind the other micro-batch's attention and gate, and a negative figure says so.
+The workers' counters are cumulative, so C is the max of per-step totals, not the sum over layers of
+each layer's slower worker: a layer's straggler (routing imbalance, a worker descheduled on a busy
+machine) therefore counts as overhead here, as it is a cost of distributing the layer, though not of
+moving the bytes.
 Client side, without any profile: (cluster step time - engine step time) / MoE layers, where a step
 time is batch / tokens per second at the breakdown batch. Direct: the same transport class driven from
 this process against the cluster's workers (one message of B rows per worker, then the replies), the
@@ -67,8 +72,7 @@ from cluster.bench.common import (machine, peak_rss_bytes, percentile, print_tab
                                   write_json)
 from cluster.bench.engine import _engine_runner, _reference_runner, decode_rate, median
 
-SYSTEMS = ("engine", "cluster-ray", "cluster-socket", "transformers")
-TRANSPORTS = {"cluster-ray": "ray", "cluster-socket": "socket"}
+SYSTEMS = ("engine", "cluster-ray", "cluster-socket", "transformers")  # --micro-batches 2 adds cluster-socket-mb2
 # Step-time categories, in stacking order; StepProfile section names map onto them in _categories.
 CATEGORIES = ("scheduling", "attention", "dense MLP", "gate", "shared experts", "routed compute",
               "routed dispatch", "LM head", "sampling", "detokenize", "other")
@@ -105,7 +109,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on a small shared machine, threads beyond the free cores make OpenMP wait on descheduled "
                         "threads and the figures swing tenfold); expert workers keep the cluster's default")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
+    p.add_argument("--micro-batches", default="1", type=_micro_batches,
+                   help="comma-separated engine micro_batches values for the fast-transport cluster; 1 "
+                        "(cluster-socket) always runs, 2 adds a cluster-socket-mb2 column: two-micro-batch overlap "
+                        "(e.g. 1,2)")
     p.add_argument("--out-dir", default="bench-results", help="where serving.json and the PNG plots go")
+
+
+def _micro_batches(text: str) -> list[int]:
+    values = sorted({int(v) for v in text.split(",") if v.strip()} | {1})
+    if not set(values) <= {1, 2}:
+        raise argparse.ArgumentTypeError(f"--micro-batches takes 1 and/or 2, got {text!r}")
+    return values
+
+
+def _clusters(micro_batches: list[int]) -> dict[str, tuple[str, int]]:
+    """The cluster systems of a run: name -> (transport, engine micro_batches)."""
+    out = {"cluster-ray": ("ray", 1), "cluster-socket": ("socket", 1)}
+    out.update({f"cluster-socket-mb{mb}": ("socket", mb) for mb in micro_batches if mb != 1})
+    return out
+
+
+def _systems(clusters: dict) -> list[str]:
+    """Every system of a run in column order: the engine, the clusters, transformers."""
+    return [SYSTEMS[0], *clusters, SYSTEMS[-1]]
+
+
+def _label(system: str) -> str:
+    """A cluster's short name in the dispatch table and JSON: its transport, plus -mbN where it splits steps."""
+    return system.removeprefix("cluster-")
 
 
 # --- runners ----------------------------------------------------------------------------------------
@@ -541,8 +573,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"model {model_dir.name} ({spec.model_type}): hidden {spec.hidden_size}, {moe_layers} MoE layers; "
           f"batches {batches}, {args.prompt_len}-token prompts, {args.tokens} tokens each", flush=True)
 
-    rates: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # system -> batch -> rounds
-    engine_alongside: dict[str, dict[int, list[float]]] = {s: {} for s in SYSTEMS}  # the engine's rounds next to s
+    clusters = _clusters(args.micro_batches)
+    systems = _systems(clusters)
+    rates: dict[str, dict[int, list[float]]] = {s: {} for s in systems}  # system -> batch -> rounds
+    engine_alongside: dict[str, dict[int, list[float]]] = {s: {} for s in systems}  # the engine's rounds next to s
     breakdown: dict[str, dict] = {}
     engine_profs: dict[str, dict] = {}  # the engine's profiled step next to each cluster's
     dispatch: dict[str, dict] = {}
@@ -557,8 +591,9 @@ def _run(args: argparse.Namespace) -> int:
         ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     latency = None
     try:
-        for system, transport in TRANSPORTS.items():
-            with _Cluster(model_dir, transport, args.workers, settings, args.torch_threads) as cluster:
+        for system, (transport, micro_batches) in clusters.items():
+            cluster_settings = settings.model_copy(update={"micro_batches": micro_batches})
+            with _Cluster(model_dir, transport, args.workers, cluster_settings, args.torch_threads) as cluster:
                 for b in batches:
                     r = _alternate({"engine": engine_runs[b], system: _cluster_runner(cluster.stub, prompts[b])},
                                    b, args.tokens, args.rounds)
@@ -581,11 +616,12 @@ def _run(args: argparse.Namespace) -> int:
                 client = (step(rates[system][bd_batch]) - step(engine_alongside[system][bd_batch])) / moe_layers
                 dispatch[system]["client_side_overhead_us"] = client * 1e6
                 dispatch[system]["client_side_over_floor"] = client / floor
-                if transport == "socket":
+                if system == "cluster-socket":
                     _cluster_runner(cluster.stub, stream_prompts[:1])(2)  # warm-up
                     latency = stream_latency(cluster.stub, stream_prompts, args.tokens, args.stagger_ms / 1e3)
+                split = "" if micro_batches == 1 else f", {micro_batches} micro-batches"
                 for name, rss in cluster.peak_rss().items():
-                    memory.append({"process": f"{name} ({transport} transport)", "peak_rss_bytes": rss})
+                    memory.append({"process": f"{name} ({transport} transport{split})", "peak_rss_bytes": rss})
     finally:
         if started_ray:
             ray.shutdown()
@@ -605,10 +641,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{median(r['engine']):.1f} tok/s", flush=True)
         memory.append({"process": "bench (engine + transformers loaded)", "peak_rss_bytes": peak_rss_bytes()})
     for b in batches:  # the engine's figure: every round it ran, next to whichever system
-        rates["engine"][b] = [x for s in SYSTEMS for x in engine_alongside[s].get(b, [])]
+        rates["engine"][b] = [x for s in systems for x in engine_alongside[s].get(b, [])]
 
-    record = _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, latency, dispatch, memory,
-                     breakdown)
+    record = _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alongside, latency, dispatch,
+                     memory, breakdown)
     out_dir.mkdir(parents=True, exist_ok=True)
     record["plots"] = [str(_plot_throughput(record, out_dir / "serving-throughput.png")),
                        str(_plot_breakdown(record, out_dir / "serving-breakdown.png"))]
@@ -619,7 +655,7 @@ def _run(args: argparse.Namespace) -> int:
 # --- report -----------------------------------------------------------------------------------------
 
 
-def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, latency, dispatch, memory,
+def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alongside, latency, dispatch, memory,
             breakdown) -> dict:
     tables = {}
     moe_layers = len(spec.moe_layers)
@@ -630,13 +666,19 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
     throughput = []
     for b in batches:
         row = {"batch": b, "tokens_per_s": {}, "ratio_to_engine": {}, "rounds": {}}
-        for s in SYSTEMS:
+        for s in systems:
             if b not in rates[s]:
                 continue
             row["tokens_per_s"][s] = median(rates[s][b])
             row["rounds"][s] = rates[s][b]
             if s != "engine":
                 row["ratio_to_engine"][s] = median(rates[s][b]) / median(engine_alongside[s][b])
+        # Two-micro-batch overlap against the same transport unsplit. The two clusters cannot be up at once, so
+        # besides the plain ratio of their medians, each relative to the engine rounds taken alongside it.
+        row["overlap"] = {s: {"over_cluster_socket": row["tokens_per_s"][s] / row["tokens_per_s"]["cluster-socket"],
+                              "over_cluster_socket_engine_normalised":
+                                  row["ratio_to_engine"][s] / row["ratio_to_engine"]["cluster-socket"]}
+                          for s in systems if s.startswith("cluster-socket-mb") and s in row["tokens_per_s"]}
         throughput.append(row)
     print(f"\n1. decode tokens/s on {model_dir.name} ({spec.model_type}), {args.prompt_len}-token prompts, "
           f"{args.tokens} tokens each; ratio = system / engine rounds taken alongside it\n"
@@ -644,10 +686,14 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
           f"{args.workers} expert workers {worker_threads} ({os.cpu_count()} CPUs)")
     cell = lambda row, s: (f"{row['tokens_per_s'][s]:.1f}" if s in row["tokens_per_s"] else "-")  # noqa: E731
     ratio = lambda row, s: (f"{row['ratio_to_engine'][s]:.2f}x" if s in row["ratio_to_engine"] else "-")  # noqa: E731
+    others = systems[1:]
     tables["throughput"] = print_table(
-        ["batch", "engine", "cluster-ray", "x engine", "cluster-socket", "x engine", "transformers", "x engine"],
-        [[r["batch"], cell(r, "engine"), cell(r, "cluster-ray"), ratio(r, "cluster-ray"), cell(r, "cluster-socket"),
-          ratio(r, "cluster-socket"), cell(r, "transformers"), ratio(r, "transformers")] for r in throughput])
+        ["batch", "engine", *[h for s in others for h in (s, "x engine")]],
+        [[r["batch"], cell(r, "engine"), *[c for s in others for c in (cell(r, s), ratio(r, s))]] for r in throughput])
+    for r in throughput:
+        for s, o in r["overlap"].items():
+            print(f"   batch {r['batch']}: {s} / cluster-socket = {o['over_cluster_socket']:.2f}x "
+                  f"({o['over_cluster_socket_engine_normalised']:.2f}x as ratios to the engine alongside each)")
     cpus = os.cpu_count() or 1
     if args.torch_threads < cpus:
         print(f"   note: the engine computes on {args.torch_threads} of {cpus} CPUs while the cluster's router and "
@@ -669,7 +715,7 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
     tables["dispatch"] = print_table(
         ["transport", "routed us", "shared us", "worker compute us", "overhead us", "pipe floor us", "overhead/floor",
          "direct us", "direct/floor", "client-side us", "client/floor"],
-        [[TRANSPORTS[s], d["routed_us"], d["shared_experts_us"], d["worker_compute_us"], d["overhead_us"],
+        [[_label(s), d["routed_us"], d["shared_experts_us"], d["worker_compute_us"], d["overhead_us"],
           d["floor_us"], f"{d['overhead_over_floor']:.1f}x", d["direct_overhead_us"], f"{d['direct_over_floor']:.1f}x",
           d["client_side_overhead_us"], f"{d['client_side_over_floor']:.1f}x"] for s, d in dispatch.items()])
 
@@ -677,30 +723,31 @@ def _report(args, model_dir, spec, batches, bd_batch, rates, engine_alongside, l
     tables["memory"] = print_table(["process", "peak RSS MiB"],
                                    [[m["process"], m["peak_rss_bytes"] / 2**20] for m in memory])
 
-    systems = [s for s in SYSTEMS if s in breakdown]
+    bd_systems = [s for s in systems if s in breakdown]
     print(f"\n5. where a decode step goes at batch {bd_batch}: share of the step (ms per step in the last row)")
     tables["breakdown"] = print_table(
-        ["category", *systems],
-        [[c, *[f"{breakdown[s]['shares'][c] * 100:.1f}%" for s in systems]] for c in CATEGORIES]
-        + [["step ms", *[breakdown[s]["step_ms"] for s in systems]],
-           ["engine step ms alongside", "", *[breakdown[s]["engine_alongside"]["step_ms"] for s in systems[1:]]]])
+        ["category", *bd_systems],
+        [[c, *[f"{breakdown[s]['shares'][c] * 100:.1f}%" for s in bd_systems]] for c in CATEGORIES]
+        + [["step ms", *[breakdown[s]["step_ms"] for s in bd_systems]],
+           ["engine step ms alongside", "", *[breakdown[s]["engine_alongside"]["step_ms"] for s in bd_systems[1:]]]])
 
     targets = _targets(throughput, bd_batch, dispatch, breakdown)
     print("\ntargets (not asserted):")
     for t in targets:
         print(f"  {t['text']}")
     return {"suite": "serving", "model": str(model_dir), "model_type": spec.model_type, "machine": machine(),
+            "systems": systems,
             "settings": {"batches": batches, "breakdown_batch": bd_batch, "prompt_len": args.prompt_len,
                          "tokens": args.tokens, "rounds": args.rounds, "workers": args.workers,
                          "streams": args.streams, "stagger_ms": args.stagger_ms, "torch_threads": args.torch_threads,
-                         "worker_torch_threads": worker_threads,
+                         "worker_torch_threads": worker_threads, "micro_batches": args.micro_batches,
                          "hidden_size": spec.hidden_size,
                          "moe_layers": moe_layers},
             "throughput": {"unit": "decode tokens/s", "results": throughput},
             "latency": {"transport": "socket", "streams": args.streams, "stagger_ms": args.stagger_ms,
                         "tokens": args.tokens, **latency},
             "dispatch": {"batch": bd_batch, "moe_layers": moe_layers, "payload_bytes": payload,
-                         "transports": {TRANSPORTS[s]: d for s, d in dispatch.items()}},
+                         "transports": {_label(s): d for s, d in dispatch.items()}},
             "memory": {"processes": memory},
             "breakdown": {"batch": bd_batch, "categories": list(CATEGORIES), "systems": breakdown},
             "targets": targets, "requested_hooks": REQUESTED_HOOKS, "tables": tables}
@@ -762,7 +809,7 @@ def _plot_throughput(record: dict, path: Path) -> Path:
 
     rows = record["throughput"]["results"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s, marker in zip(SYSTEMS, "osD^"):
+    for s, marker in zip(record["systems"], "osDv^"):
         pts = [(r["batch"], r["tokens_per_s"][s]) for r in rows if s in r["tokens_per_s"]]
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=s)
