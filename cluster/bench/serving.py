@@ -18,7 +18,7 @@ One checkpoint, the same random prompts, five figure groups:
                client side from message arrival times.
 3. dispatch    per MoE layer, what the dispatch adds next to its floor: a raw pipe round trip between
                this process and a child carrying one layer's dispatch at the breakdown batch
-               (B x hidden x 4 bytes out, the same back), measured while each cluster is up.
+               (B x hidden values in the compute dtype out, the same back), measured while each cluster is up.
 4. memory      peak RSS of this process (the engine; taken before transformers loads), the router and
                every expert worker of each cluster.
 5. breakdown   where a decode step's time goes, as shares of the step (breakdown batch: 32 if
@@ -564,6 +564,8 @@ def _run(args: argparse.Namespace) -> int:
     engine = load_engine(model_dir, settings)
     spec = engine.spec
     moe_layers = len(spec.moe_layers)
+    # One layer's dispatch as the router sends it: B rows of hidden states in the compute dtype.
+    payload = bd_batch * spec.hidden_size * engine.model.dtype.itemsize
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, spec.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in batches}
     stream_prompts = torch.randint(0, spec.vocab_size, (args.streams, args.prompt_len), generator=gen).tolist()
@@ -607,8 +609,8 @@ def _run(args: argparse.Namespace) -> int:
                 prof, engine_profs[system] = profs[system], profs["engine"]
                 breakdown[system] = {**_breakdown_record(prof), "router_profile_via": probe.hook,
                                      "engine_alongside": _breakdown_record(profs["engine"])}
-                floor = pipe_round_trip(bd_batch * spec.hidden_size * 4)
-                dispatch[system] = _dispatch_record(prof, moe_layers, floor)
+                floor = pipe_round_trip(payload)
+                dispatch[system] = {**_dispatch_record(prof, moe_layers, floor), "payload_bytes": payload}
                 direct = direct_round_trip(transport, cluster.workers, bd_batch, spec.hidden_size, engine.model.dtype)
                 direct["direct_over_floor"] = direct["direct_overhead_us"] / dispatch[system]["floor_us"]
                 dispatch[system].update(direct)
@@ -707,7 +709,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
         [["time to first token", latency["ttft_ms"]["p50"], latency["ttft_ms"]["p99"], latency["ttft_ms"]["mean"]],
          ["inter-token latency", latency["itl_ms"]["p50"], latency["itl_ms"]["p99"], latency["itl_ms"]["mean"]]])
 
-    payload = bd_batch * spec.hidden_size * 4
+    payload = next(iter(dispatch.values()))["payload_bytes"] if dispatch else 0
     print(f"\n3. dispatch per MoE layer at batch {bd_batch} ({moe_layers} MoE layers); floor: pipe round trip of "
           f"{payload} bytes each way to a child process. overhead = routed + shared - max(shared, worker compute)")
     print("   in the router: from its step profile and the workers' compute; direct: the same transport driven from "
