@@ -108,6 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of the engine and transformers (this process) and of the router (default 1: "
                         "on a small shared machine, threads beyond the free cores make OpenMP wait on descheduled "
                         "threads and the figures swing tenfold); expert workers keep the cluster's default")
+    p.add_argument("--router-threads", type=int, default=None,
+                   help="torch threads of the router (default: --torch-threads). At equal cores the engine may take "
+                        "every CPU, while the router shares them with the workers: e.g. --torch-threads 2 "
+                        "--router-threads 1 on 2 CPUs")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--micro-batches", default="1", type=_micro_batches,
                    help="comma-separated engine micro_batches values for the fast-transport cluster; 1 "
@@ -541,6 +545,10 @@ class _Cluster:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+def router_threads(args: argparse.Namespace) -> int:
+    return args.torch_threads if args.router_threads is None else args.router_threads
+
+
 def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
@@ -595,7 +603,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for system, (transport, micro_batches) in clusters.items():
             cluster_settings = settings.model_copy(update={"micro_batches": micro_batches})
-            with _Cluster(model_dir, transport, args.workers, cluster_settings, args.torch_threads) as cluster:
+            with _Cluster(model_dir, transport, args.workers, cluster_settings, router_threads(args)) as cluster:
                 for b in batches:
                     r = _alternate({"engine": engine_runs[b], system: _cluster_runner(cluster.stub, prompts[b])},
                                    b, args.tokens, args.rounds)
@@ -684,7 +692,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
         throughput.append(row)
     print(f"\n1. decode tokens/s on {model_dir.name} ({spec.model_type}), {args.prompt_len}-token prompts, "
           f"{args.tokens} tokens each; ratio = system / engine rounds taken alongside it\n"
-          f"   torch threads: engine and transformers {args.torch_threads}, router {args.torch_threads}, each of "
+          f"   torch threads: engine and transformers {args.torch_threads}, router {router_threads(args)}, each of "
           f"{args.workers} expert workers {worker_threads} ({os.cpu_count()} CPUs)")
     cell = lambda row, s: (f"{row['tokens_per_s'][s]:.1f}" if s in row["tokens_per_s"] else "-")  # noqa: E731
     ratio = lambda row, s: (f"{row['ratio_to_engine'][s]:.2f}x" if s in row["ratio_to_engine"] else "-")  # noqa: E731
@@ -700,7 +708,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
     if args.torch_threads < cpus:
         print(f"   note: the engine computes on {args.torch_threads} of {cpus} CPUs while the cluster's router and "
               f"workers can use all of them: a ratio above 1 partly reflects parallelism the engine was not given "
-              f"(--torch-threads {cpus} compares at equal cores)")
+              f"(--torch-threads {cpus} --router-threads 1 compares at equal cores)")
 
     print(f"\n2. latency: {args.streams} concurrent GenerateStream calls on cluster-socket, arriving "
           f"{args.stagger_ms:g} ms apart, {args.tokens} tokens each (client side)")
@@ -742,6 +750,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
             "settings": {"batches": batches, "breakdown_batch": bd_batch, "prompt_len": args.prompt_len,
                          "tokens": args.tokens, "rounds": args.rounds, "workers": args.workers,
                          "streams": args.streams, "stagger_ms": args.stagger_ms, "torch_threads": args.torch_threads,
+                         "router_threads": router_threads(args),
                          "worker_torch_threads": worker_threads, "micro_batches": args.micro_batches,
                          "hidden_size": spec.hidden_size,
                          "moe_layers": moe_layers},
