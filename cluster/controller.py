@@ -84,11 +84,17 @@ class Controller:
         self.workers.update(handles)
         self.worker_info.update({i["worker_id"]: i for i in infos})
 
+    def router_engine_settings(self) -> dict:
+        """The routers' engine settings, with the dtype the workers were given."""
+        return self.settings.engine.model_copy(update={"dtype": self.dtype}).model_dump()
+
     async def start(self) -> list[int]:
         """Start workers then routers; returns the routers' gRPC ports."""
         s = self.settings
         spec = load_spec(self.model_dir)
         self.spec = spec
+        # Resolved once, here, for workers and routers alike: "auto" looks at this node's CPU and GPU, and a
+        # router deciding on different hardware than its workers would cast every dispatch both ways.
         self.dtype = str(s.engine.torch_dtype(spec.dtype, s.engine.torch_device())).removeprefix("torch.")
         self.expert_bytes = spec.expert_bytes(4 if self.dtype == "float32" else 2)
         logical = len(spec.logical_experts)
@@ -105,8 +111,8 @@ class Controller:
                 placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.router_node_id, soft=False)
             self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE, **placement,
                                                    num_cpus=s.router_num_cpus, max_restarts=-1).remote(
-                r, self.model_dir, s.engine.model_dump(), self.plan, s.host, port, NAMESPACE, CONTROLLER_NAME,
-                s.load_window_seconds, s.router_torch_threads, s.transport))
+                r, self.model_dir, self.router_engine_settings(), self.plan, s.host, port, NAMESPACE,
+                CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport))
         self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
                                             s.start_timeout_seconds)
         self.metrics.plan(self.plan)
