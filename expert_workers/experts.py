@@ -144,6 +144,7 @@ def _batched_pays(counts: torch.Tensor, dtype: torch.dtype) -> bool:
     the rate of a batched one, so the batched form wins once at least half the rows are hit (it reads
     every hosted row's weights, hit or not) and padding to the busiest row wastes at most 4x the rows.
     In fp32 the two run at the same rate, so the per-row loop (no padding, no unhit rows) stays.
+    On GPU the batched form is what grouped-GEMM kernels do; these thresholds were not tuned there.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -86,9 +86,10 @@ def cpu_has_native_bf16() -> bool:
     bound by reading weights, so a bf16 checkpoint computed in bf16 is the fast path, as on GPU)."""
     import torch.cpu
 
-    # Private but stable helpers (torch's compiler uses them); oneDNN's own check also says yes on plain
-    # AVX512 CPUs, where bf16 is emulated and slower than fp32.
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # Private helpers (torch's compiler uses them), hence the getattr for torch versions without them;
+    # oneDNN's public check also says yes on plain AVX512 CPUs, where bf16 is emulated and slower than fp32.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 @dataclass

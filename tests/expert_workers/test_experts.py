@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expert_workers.experts import ExpertGroup, _batched_pays, swiglu
-from router_service.engine import EngineSettings, cpu_has_native_bf16
+from router_service.engine import EngineSettings
 
 E, H, I = 8, 32, 16  # noqa: E741
 
@@ -41,9 +41,13 @@ def pairs(T: int, K: int, hosted: list[int], seed: int = 1):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [1, 3, 16], ids=lambda t: f"T{t}")
 def test_run_matches_per_pair_reference(dtype, tol, T):
-    hosted = [0, 2, 3, 5, 6, 7]
+    # Hosted out of order (slot rows differ from expert ids): the stacked row of each expert is looked up.
+    hosted = [7, 2, 0, 5, 6, 3]
     g = group(dtype, hosted)
     hidden, token, expert, weight = pairs(T, 2, hosted)
+    rows = g.layers[3].slot[expert]
+    batched = _batched_pays(torch.bincount(rows, minlength=len(hosted)), dtype)
+    assert batched == (dtype == torch.bfloat16 and T > 1), "the cases cover both paths"
     out = g.run(3, hidden.to(dtype), token, expert, weight.to(dtype))
     ref = reference(g, hidden.to(dtype), token, expert, weight.to(dtype))
     assert out.dtype == dtype and out.shape == (T, H)
@@ -66,6 +70,17 @@ def test_batched_path_equals_row_loop_in_bf16():
     torch.testing.assert_close(out.float(), loop.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_batched_path_with_unhit_rows():
+    hosted = [6, 1, 4, 0, 3, 7]
+    g = group(torch.bfloat16, hosted)
+    hidden, token, expert, weight = pairs(12, 1, [6, 1, 4, 0])  # rows of experts 3 and 7 get no token
+    counts = torch.bincount(g.layers[3].slot[expert], minlength=len(hosted))
+    assert int((counts == 0).sum()) == 2 and _batched_pays(counts, torch.bfloat16)
+    out = g.run(3, hidden.bfloat16(), token, expert, weight.bfloat16())
+    torch.testing.assert_close(out.float(), reference(g, hidden.bfloat16(), token, expert, weight.bfloat16()),
+                               atol=3e-2, rtol=3e-2)
+
+
 def test_batched_path_choice():
     full = torch.tensor([3, 2, 4, 1, 2, 3, 1, 2])  # every row hit, evenly
     assert _batched_pays(full, torch.bfloat16) and _batched_pays(full, torch.float16)
@@ -84,12 +99,17 @@ def test_unhosted_expert_is_named():
         g.run(3, hidden.bfloat16(), token, expert, weight.bfloat16())
 
 
-def test_auto_dtype_policy():
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "plain-cpu"])
+def test_auto_dtype_policy(monkeypatch, native_bf16):
+    import router_service.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
     auto = EngineSettings()
     assert auto.torch_dtype("float32", cpu) == torch.float32
     assert auto.torch_dtype("float16", cpu) == torch.float32  # no native fp16 matmul path measured on CPU
-    # A bf16 checkpoint computes in bf16 where the CPU has native bf16 matmuls (this machine: AMX), else fp32.
-    assert auto.torch_dtype("bfloat16", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    # A bf16 checkpoint computes in bf16 where the CPU has native bf16 matmuls, else in fp32.
+    assert auto.torch_dtype("bfloat16", cpu) == (torch.bfloat16 if native_bf16 else torch.float32)
     assert auto.torch_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert auto.torch_dtype("float16", torch.device("cuda")) == torch.float16
     assert EngineSettings(dtype="float32").torch_dtype("bfloat16", cpu) == torch.float32
