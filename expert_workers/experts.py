@@ -7,13 +7,18 @@ Shape legend:
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from expert_workers.checkpoint import Checkpoint
+
+R = TypeVar("R")
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,14 @@ class ExpertGroup:
         return group
 
     def add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype) -> int:
-        """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile."""
+        """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile.
+
+        The reading and re-stacking run on a thread at the lowest CPU priority: a live rebalance is
+        background work, and decode steps on the same cores must not wait behind it.
+        """
+        return at_low_priority(lambda: self._add(checkpoint, hosted, dtype))
+
+    def _add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype) -> int:
         read = 0
         for layer, experts in tqdm(hosted.items(), desc="loading experts", unit="layer", delay=2.0):
             current = self.layers.get(layer)
@@ -77,7 +89,11 @@ class ExpertGroup:
         return read
 
     def remove(self, hosted: dict[int, list[int]]) -> None:
-        """Unload replicas (after every router stopped sending them tokens)."""
+        """Unload replicas (after every router stopped sending them tokens); re-stacking the kept ones is
+        background work too."""
+        at_low_priority(lambda: self._remove(hosted))
+
+    def _remove(self, hosted: dict[int, list[int]]) -> None:
         for layer, experts in hosted.items():
             current = self.layers.get(layer)
             if current is None:
@@ -135,6 +151,31 @@ class ExpertGroup:
             out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
             start += n
         return out
+
+
+def at_low_priority(fn: Callable[[], R]) -> R:
+    """fn() on a new thread at nice 19, waited for. Linux keeps a nice value per thread, so only this
+    work yields the CPU (a thread cannot raise its priority back without privileges, hence a new one).
+    Elsewhere it simply runs at normal priority."""
+    result: list = []
+
+    def body():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux, or not permitted: load at normal priority
+            pass
+        try:
+            result.append((True, fn()))
+        except BaseException as err:  # re-raised on the caller's thread
+            result.append((False, err))
+
+    thread = threading.Thread(target=body, name="expert-loading", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _batched_pays(counts: torch.Tensor, dtype: torch.dtype) -> bool:

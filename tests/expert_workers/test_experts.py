@@ -113,3 +113,19 @@ def test_auto_dtype_policy(monkeypatch, native_bf16):
     assert auto.torch_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
     assert auto.torch_dtype("float16", torch.device("cuda")) == torch.float16
     assert EngineSettings(dtype="float32").torch_dtype("bfloat16", cpu) == torch.float32
+
+
+def test_loading_runs_at_low_priority_and_leaves_the_caller_alone():
+    import os
+    import threading
+
+    from expert_workers.experts import at_low_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    assert at_low_priority(nice) == 19  # Linux: a per-thread nice value
+    assert nice() == before
+    with pytest.raises(ValueError, match="bad replica"):
+        at_low_priority(lambda: (_ for _ in ()).throw(ValueError("bad replica")))
