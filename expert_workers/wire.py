@@ -33,6 +33,13 @@ class WireError(ConnectionError):
     """The peer closed the connection or sent something that is not our protocol."""
 
 
+class WorkerError(RuntimeError):
+    """The expert worker answered a request with an error (an expert it does not host, say).
+
+    Every transport returns it for such an answer (socket, collective link, Ray call alike). The worker
+    is alive and its connection keeps serving: the request failed, not the worker."""
+
+
 def as_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
     if t.numel() == 0:
@@ -86,7 +93,7 @@ def recv_response(sock) -> torch.Tensor:
     if magic != MAGIC_RSP:
         raise WireError(f"bad response magic {magic!r}")
     if status != 0:
-        raise RuntimeError(f"expert worker error: {recv_exact(sock, T).decode(errors='replace')}")
+        raise WorkerError(f"expert worker error: {recv_exact(sock, T).decode(errors='replace')}")
     return recv_tensor(sock, CODE_DTYPES[code], (T, H))
 
 

@@ -75,6 +75,7 @@ class ExpertWorker:
         with self._links_lock:
             link_id = next(self._link_ids)
             self._links[link_id] = server
+        server.start()  # after registering: its thread may end (and unregister it) at once
         return {**server.rendezvous, "link_id": link_id}
 
     def _link_closed(self, server: LinkServer) -> None:

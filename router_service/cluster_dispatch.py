@@ -16,6 +16,12 @@ It costs little overlap: the router collects the previous reply only when the ne
 worker is ready, i.e. after the other micro-batch's attention and gate, which is what the previous
 reply's compute was to overlap.
 
+Failures come in two kinds. A worker that answers with an error (`WorkerError`: an expert it does not
+host, say) is alive and its connection keeps serving: the step fails with that error (the engine fails
+the step's requests and carries on), and the worker is neither marked dead nor reported. A call that
+cannot complete (the worker died, its connection failed or timed out) marks the worker dead for this
+router, reports it to the controller, and re-runs its pairs on other replicas (`_recover`).
+
 Threads: `dispatch` and `PendingExperts.wait` run on the engine thread;
 `set_plan` runs on another thread: it connects to new workers there, then
 queues the plan, which the engine thread adopts at the next step boundary
@@ -34,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from expert_workers.wire import WorkerError
 from router_service.dispatch import ExpertDispatcher, PendingExperts, to_pairs
 from router_service.placement import PlacementPlan, ReplicaTable
 from router_service.transports import Transport
@@ -109,14 +116,14 @@ class ClusterDispatcher(ExpertDispatcher):
         return applied
 
     def begin_step(self) -> None:
+        # Collect every reply still out first. Between steps nothing is in flight, except what a failed step
+        # left; recovery calls this mid-step, with the other micro-batch's requests out. A worker waits for its
+        # reply to be taken (a collective link's reply send, a socket's full buffer), so replies are not left
+        # waiting across an idle spell or a recovery; and a new plan may close their connections (retain).
+        self._drain_all()
         with self._lock:
             pending, self._next = self._next, None
         if pending is not None:
-            # A new plan may close connections (retain); collect what is on them first. Between steps
-            # nothing is in flight, but recovery adopts plans mid-step, with another micro-batch's
-            # requests still out (and a failed step may have left some).
-            for w in list(self._in_flight):
-                self._drain(w)
             self._apply(pending[0])
             pending[1].set()
 
@@ -124,7 +131,9 @@ class ClusterDispatcher(ExpertDispatcher):
         self.transport.close()
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights) -> PendingExperts:
-        token, expert, weight = to_pairs(topk_ids, topk_weights)  # [P]
+        # The routing bookkeeping runs on the host, where the replica table lives (the split per worker needs
+        # the worker ids there anyway); only the hidden rows go from the engine's device to the transport.
+        token, expert, weight = to_pairs(topk_ids.cpu(), topk_weights.cpu())  # [P]
         worker = self._table.assign(layer, expert)  # [P]
         return _PendingCluster(self, layer, hidden, self._send(layer, hidden, token, expert, weight, worker))
 
@@ -145,48 +154,69 @@ class ClusterDispatcher(ExpertDispatcher):
 
     def _drain(self, worker: int) -> None:
         """Collect the reply of the request in flight to this worker, if any, into its message."""
-        m = self._in_flight.pop(worker, None)
+        m = self._in_flight.get(worker)
         if m is not None:
-            m.result = self.transport.collect([m.handle])[0]
+            self._collect(m)
+
+    def _drain_all(self) -> None:
+        for w in list(self._in_flight):
+            self._drain(w)
+
+    def _collect(self, m: _Message) -> None:
+        # Out of `_in_flight` before collecting: once collect has read (or failed to read) the reply, nothing may
+        # try to read it again (a later drain would wait on the connection for a reply that never comes).
+        if self._in_flight.get(m.worker) is m:
+            del self._in_flight[m.worker]
+        m.result = self.transport.collect([m.handle])[0]
 
     def _gather(self, messages: list[_Message], out: torch.Tensor) -> list[_Message]:
-        """Add every successful partial output into out [T, H]; return the messages that failed."""
-        todo = [m for m in messages if m.result is None]  # the rest were collected by _drain
-        for m, result in zip(todo, self.transport.collect([m.handle for m in todo])):
-            m.result = result
-            if self._in_flight.get(m.worker) is m:
-                del self._in_flight[m.worker]
-        failed = []
+        """Add every successful partial output into out [T, H]; return the messages whose call failed.
+
+        A worker's error (`WorkerError`) fails the step: raised here, after every reply was collected."""
         for m in messages:
-            if isinstance(m.result, BaseException):
-                failed.append(m)
-            else:
-                out.index_add_(0, m.rows, m.result.to(out.dtype))
+            if m.result is None:  # the rest were collected by _drain
+                self._collect(m)
+        failed = [m for m in messages if isinstance(m.result, BaseException)]
+        refused = [m for m in failed if isinstance(m.result, WorkerError)]
+        if refused:
+            # The step is lost: workers whose calls failed beside it are still marked dead (the controller
+            # replaces them), but nothing is re-run.
+            self._mark_dead([m for m in failed if m not in refused], "the step fails")
+            m = refused[0]
+            raise WorkerError(f"expert worker {m.worker}: {m.result}") from m.result
+        for m in messages:
+            if not isinstance(m.result, BaseException):
+                # Outputs come back where the transport delivers them (host memory for sockets and Ray calls).
+                out.index_add_(0, m.rows.to(out.device), m.result.to(out.device, out.dtype))
         return failed
+
+    def _mark_dead(self, failed: list[_Message], then: str) -> None:
+        """Take the workers of these failed calls for dead (once each) and tell the controller."""
+        for m in failed:
+            if m.worker in self._dead:
+                continue
+            self._dead.add(m.worker)
+            log.warning("expert worker %d failed (%s: %s); %s", m.worker, type(m.result).__name__, m.result, then)
+            if self.on_worker_failure is not None:
+                self.on_worker_failure(m.worker)
 
     def _recover(self, layer: int, hidden: torch.Tensor, failed: list[_Message], out: torch.Tensor) -> None:
         """Re-run failed workers' pairs on other replicas, waiting for a replacement where none is left."""
         started = time.monotonic()
         deadline = started + self.recovery_timeout
-        dead = {m.worker for m in failed}
         token = torch.cat([m.rows[m.local] for m in failed])  # [P_f] rows of hidden
         expert = torch.cat([m.expert for m in failed])
         weight = torch.cat([m.weight for m in failed])
         waited = False
         while True:
-            for w in dead - self._dead:
-                self._dead.add(w)
-                log.warning("expert worker %d failed; re-running %d pairs of layer %d elsewhere", w, len(token), layer)
-                if self.on_worker_failure is not None:
-                    self.on_worker_failure(w)
-            self.begin_step()  # adopt a plan with a replacement worker if the controller sent one
+            self._mark_dead(failed, f"re-running {len(token)} pairs of layer {layer} elsewhere")
+            self.begin_step()  # collects replies still out; adopts a plan with a replacement if one came
             self._table = ReplicaTable.from_plan(self._plan, exclude=self._dead)
             worker = self._table.assign(layer, expert)
             if bool((worker >= 0).all()):
                 failed = self._gather(self._send(layer, hidden, token, expert, weight, worker), out)
                 if not failed:
                     break
-                dead = {m.worker for m in failed}
                 token = torch.cat([m.rows[m.local] for m in failed])
                 expert, weight = torch.cat([m.expert for m in failed]), torch.cat([m.weight for m in failed])
                 continue

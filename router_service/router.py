@@ -21,7 +21,7 @@ from router_service.placement import PlacementPlan
 from router_service.security import controller_security
 from router_service.server import drain, start_server
 from router_service.telemetry import LoadWindow
-from router_service.transports import TRANSPORTS, SocketTransport
+from router_service.transports import make_transport
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,8 @@ class Router:
         self.server = None
 
     def _transport(self):
-        if self.transport_name == "socket":
-            import ray
-
-            return SocketTransport(ray.get_runtime_context().get_node_id())
-        return TRANSPORTS[self.transport_name]()
+        # The engine's device: a GPU router's collective links carry its CUDA tensors (NCCL where possible).
+        return make_transport(self.transport_name, self.engine_settings.torch_device())
 
     def _actor(self, name: str):
         import ray

@@ -15,23 +15,33 @@ thread; `retain`, `submit` and `collect` run on the engine thread.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from expert_workers import collective
 from expert_workers.collective import CODE_DTYPES, DTYPE_CODES, Link, LinkError
-from expert_workers.wire import recv_response, send_request
+from expert_workers.wire import WorkerError, recv_response, send_request
+
+log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
 
 
 class Transport(ABC):
+    """Results of `collect` are of three kinds: the output; a `WorkerError`, when the worker answered with an
+    error (it is alive and its connection keeps serving); or any other exception, when the call could not be
+    completed (the worker died, its connection failed or timed out): the connection is then unusable."""
+
     @abstractmethod
     def connect(self, workers: dict[int, Any]) -> None:
-        """Make these workers (id -> Ray actor handle) reachable; existing endpoints stay."""
+        """Make these workers (id -> Ray actor handle) reachable; existing endpoints stay. A worker that
+        cannot be reached is logged and left out: calls to it fail, and the dispatcher re-runs them elsewhere."""
 
     @abstractmethod
     def retain(self, worker_ids: set[int]) -> None:
@@ -44,8 +54,8 @@ class Transport(ABC):
 
     @abstractmethod
     def collect(self, handles: list[Any]) -> list[torch.Tensor | BaseException]:
-        """Wait for the calls; outputs [T_w, H] in the same order, or the exception of a failed call
-        (a handle that is already an exception, from a failed submit, is passed through)."""
+        """Wait for the calls; outputs [T_w, H] in the same order, or the exception of a failed call (a handle
+        that is already an exception, from a failed submit, is passed through). Never raises."""
 
     def close(self) -> None:
         """Release connections."""
@@ -55,6 +65,31 @@ class Transport(ABC):
         """collect's loop: a handle that is already an exception (a failed submit) passes through; the rest are
         finished in order by `finish`, which returns the output or the call's exception."""
         return [h if isinstance(h, BaseException) else finish(h) for h in handles]
+
+    @staticmethod
+    def _connect_each(workers: dict[int, Any], ask: Callable[[Any], Any],
+                      form: Callable[[int, Any], None]) -> set[int]:
+        """connect's loop: ask every worker at once (`ask(handle)` returns a Ray object ref), then `form(worker_id,
+        answer)` each endpoint in turn. A worker that fails (it died, say, before the plan naming it arrived) is
+        logged and skipped, so it cannot keep the others' connections, and the plan, from being set up.
+        Returns the ids of those that failed."""
+        import ray
+
+        failed = set()
+        asked = {}
+        for worker_id, handle in workers.items():
+            try:
+                asked[worker_id] = ask(handle)
+            except Exception as err:
+                log.warning("cannot reach expert worker %d: %s", worker_id, err)
+                failed.add(worker_id)
+        for worker_id, ref in asked.items():
+            try:
+                form(worker_id, ray.get(ref))
+            except Exception as err:
+                log.warning("cannot connect to expert worker %d: %s", worker_id, err)
+                failed.add(worker_id)
+        return failed
 
 
 class RayCallTransport(Transport):
@@ -71,21 +106,29 @@ class RayCallTransport(Transport):
             self._workers = {w: h for w, h in self._workers.items() if w in worker_ids}
 
     def submit(self, worker_id, layer, hidden, token, expert, weight):
-        return self._workers[worker_id].run.remote(layer, hidden, token, expert, weight)
+        # Host memory: the worker may have no GPU to unpickle a CUDA tensor onto; it moves them to its device.
+        return self._workers[worker_id].run.remote(layer, hidden.cpu(), token.cpu(), expert.cpu(), weight.cpu())
 
     def collect(self, handles):
+        return self._collect_each(handles, self._get)
+
+    @staticmethod
+    def _get(ref) -> torch.Tensor | BaseException:
         import ray
 
-        results = []
-        for h in handles:
-            try:
-                results.append(h if isinstance(h, BaseException) else ray.get(h))
-            except Exception as err:  # RayActorError when the worker died
-                results.append(err)
-        return results
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # the worker's method raised: it is alive, the call failed
+            cause = err.cause if err.cause is not None else err
+            return WorkerError(f"expert worker error: {type(cause).__name__}: {cause}")
+        except Exception as err:  # RayActorError when the worker died
+            return err
 
 
 class SocketTransport(Transport):
+    """Tensors travel from host memory: a router on a GPU sends copies and gets outputs back on the CPU
+    (the dispatcher moves them to its device)."""
+
     def __init__(self, node_id: str | None = None, timeout: float = 60.0):
         self.node_id = node_id  # this router's Ray node: same-node workers get a Unix socket
         self.timeout = timeout  # a peer that vanished without closing (node loss) fails the call after this
@@ -93,15 +136,14 @@ class SocketTransport(Transport):
         self._lock = threading.Lock()
 
     def connect(self, workers):
-        import ray
-
         with self._lock:
             new = {w: h for w, h in workers.items() if w not in self._socks}
-        endpoints = dict(zip(new, ray.get([h.endpoint.remote() for h in new.values()])))
-        for worker_id, ep in endpoints.items():
-            sock = self._open(ep)
-            with self._lock:
-                self._socks[worker_id] = sock
+        self._connect_each(new, lambda h: h.endpoint.remote(), self._add)
+
+    def _add(self, worker_id: int, endpoint: dict) -> None:
+        sock = self._open(endpoint)
+        with self._lock:
+            self._socks[worker_id] = sock
 
     def _open(self, endpoint: dict) -> socket.socket:
         if endpoint["node_id"] == self.node_id and endpoint.get("unix"):
@@ -122,7 +164,7 @@ class SocketTransport(Transport):
     def submit(self, worker_id, layer, hidden, token, expert, weight):
         sock = self._socks[worker_id]
         try:
-            send_request(sock, layer, hidden, token, expert, weight)
+            send_request(sock, layer, hidden.cpu(), token.cpu(), expert.cpu(), weight.cpu())
         except OSError:
             sock.close()
             raise
@@ -135,7 +177,9 @@ class SocketTransport(Transport):
     def _receive(sock: socket.socket) -> torch.Tensor | BaseException:
         try:
             return recv_response(sock)
-        except OSError as err:  # WireError, reset, timeout: the stream is unusable from here on
+        except WorkerError as err:  # the whole answer was read: the connection keeps serving
+            return err
+        except Exception as err:  # WireError, reset, timeout: the stream is unusable from here on
             sock.close()
             return err
 
@@ -153,10 +197,11 @@ class _Call:
     link: Link
     T: int
     H: int
-    sends: list  # works of the request's posted sends
+    header_send: collective.Op  # control group
+    data_sends: list[collective.Op]  # data group (NCCL on GPUs)
     tensors: tuple  # what those sends read: referenced until they complete
     status: torch.Tensor  # int64 [RSP_LEN], filled by the posted receive below
-    status_work: Any
+    status_recv: collective.Op
 
 
 class CollectiveTransport(Transport):
@@ -165,29 +210,34 @@ class CollectiveTransport(Transport):
     backend: "auto" (NCCL where router and worker both hold GPUs, else gloo), "gloo" or "nccl".
     host: the address this end listens on for the worker's connections; None: loopback for a worker on
     loopback, else this Ray node's IP.
+    device: the engine's device. A CUDA one lets links use NCCL (the data then travels from and to it);
+    otherwise, and on gloo links, tensors travel from host memory.
     """
 
-    def __init__(self, backend: str = "auto", timeout: float = 60.0, host: str | None = None):
-        if backend not in collective.BACKENDS:
-            raise ValueError(f"collective backend must be one of {collective.BACKENDS}, not {backend!r}")
-        self.backend = backend
+    def __init__(self, backend: str = "auto", timeout: float = 60.0, host: str | None = None,
+                 device: torch.device | str = CPU):
+        self.backend = collective.check_backend(backend)
         self.timeout = timeout  # a silent peer fails the call after this; a dead one fails it at once
         self.host = host
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the device the engine's tensors go to
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self._links: dict[int, Link] = {}
+        self._failed: set[int] = set()  # workers whose link failed or never formed: not re-opened
         self._closing: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def connect(self, workers):
-        import ray
-
         with self._lock:
-            new = {w: h for w, h in workers.items() if w not in self._links}
-        router_cuda = torch.cuda.is_available()
-        addresses = ray.get([h.open_link.remote(self.backend, router_cuda, self.timeout) for h in new.values()])
-        for worker_id, address in zip(new, addresses):
-            self.add(worker_id, self.join(address))
+            new = {w: h for w, h in workers.items() if w not in self._links and w not in self._failed}
+        router_cuda = self.device.type == "cuda"
+        failed = self._connect_each(new, lambda h: h.open_link.remote(self.backend, router_cuda, self.timeout),
+                                    lambda w, address: self.add(w, self.join(address, f"expert worker {w}")))
+        with self._lock:
+            self._failed |= failed  # the dispatcher takes them for dead at their first call
 
-    def join(self, address: dict) -> Link:
+    def join(self, address: dict, name: str = "expert worker") -> Link:
         """Form this end of a link a worker opened (`open_link`'s answer); blocks until both ends are up."""
         host = self.host
         if host is None:
@@ -198,7 +248,8 @@ class CollectiveTransport(Transport):
 
                 host = ray.util.get_node_ip_address()
         store = collective.join_store(address["host"], address["port"], self.timeout)
-        return Link(store, collective.ROUTER_RANK, address["backend"], host, self.timeout)
+        return Link(store, collective.ROUTER_RANK, address["backend"], host, self.timeout,
+                    f"{name} at {address['host']}:{address['port']}", self.device)
 
     def add(self, worker_id: int, link: Link) -> None:
         """Use an already formed link for `worker_id` (connect does this after the rendezvous)."""
@@ -216,9 +267,12 @@ class CollectiveTransport(Transport):
 
         def close():
             try:
-                link.send_and_wait([torch.tensor([collective.OP_CLOSE] + [0] * (collective.REQ_LEN - 1))], link.ctrl)
+                link.send_and_wait([torch.tensor([collective.OP_CLOSE] + [0] * (collective.REQ_LEN - 1))], "CLOSE",
+                                   link.ctrl)
             except LinkError:  # the worker is gone already: nothing to tell
-                pass
+                link.abort()
+                return
+            link.shutdown()
 
         thread = threading.Thread(target=close, daemon=True, name="collective-close")
         thread.start()
@@ -228,22 +282,22 @@ class CollectiveTransport(Transport):
     def submit(self, worker_id, layer, hidden, token, expert, weight):
         link = self._links[worker_id]
         T, H = hidden.shape
-        P = token.numel()
         d = link.device  # with gloo the tensors travel from host memory; with NCCL from the GPU
-        header = torch.tensor([collective.OP_RUN, layer, T, P, H, DTYPE_CODES[hidden.dtype]], dtype=torch.int64)
+        header = torch.tensor([collective.OP_RUN, layer, T, token.numel(), H, DTYPE_CODES[hidden.dtype]],
+                              dtype=torch.int64)
         hidden = hidden.to(d).contiguous()  # [T, H]
         pairs = torch.stack([token, expert]).to(device=d, dtype=torch.int32)  # [2, P]
         weight = weight.to(device=d, dtype=torch.float32).contiguous()  # [P]
         try:
-            sends = [link.send(link.ctrl, header)]
-            sends += [link.send(link.data, t) for t in (hidden, pairs, weight) if t.numel()]
+            header_send = link.send(link.ctrl, header, "request header")
+            data_sends = [link.send(link.data, t, "request tensors") for t in (hidden, pairs, weight) if t.numel()]
             status = torch.empty(collective.RSP_LEN, dtype=torch.int64)
             # Posted now so the worker's answer is not held up waiting for a receive to match it.
-            status_work = link.recv(link.ctrl, status)
-        except RuntimeError as err:  # gloo refuses to post on a link that already failed
+            status_recv = link.recv(link.ctrl, status, "reply header")
+        except LinkError:  # e.g. gloo refuses to post on a link that already failed
             self._drop(link)
-            raise LinkError(str(err).split("\n")[0]) from err
-        return _Call(link, T, H, sends, (header, hidden, pairs, weight), status, status_work)
+            raise
+        return _Call(link, T, H, header_send, data_sends, (header, hidden, pairs, weight), status, status_recv)
 
     def collect(self, handles):
         return self._collect_each(handles, self._finish)
@@ -251,32 +305,46 @@ class CollectiveTransport(Transport):
     def _finish(self, call: _Call) -> torch.Tensor | BaseException:
         try:
             return self._receive(call)
-        except LinkError as err:  # reset, closed or timed out: the link is unusable from here on
-            self._drop(call.link)
+        except WorkerError as err:  # the worker's own error: reported, the link keeps serving
             return err
-        except RuntimeError as err:  # the worker's own error: reported, the link keeps serving
+        except Exception as err:  # LinkError (reset, closed, timed out) or worse: the link is unusable
+            self._drop(call.link)
             return err
 
     def _receive(self, call: _Call) -> torch.Tensor:
         link = call.link
-        for work in call.sends:
-            link.wait(work)
-        link.wait(call.status_work)
+        # The reply header first, on gloo: it arrives only once the worker has received every tensor of the
+        # request and computed, and gloo fails it at once if the worker dies. Waiting on the (NCCL) data sends
+        # first would notice a dead worker only at the timeout.
+        link.wait(call.header_send)
+        link.wait(call.status_recv)
         status, n, H, code = call.status.tolist()
-        if status != 0:
-            message = torch.empty(n, dtype=torch.uint8)
-            link.recv_and_wait([message], link.ctrl)
-            raise RuntimeError(f"expert worker error: {bytes(message.tolist()).decode(errors='replace')}")
+        if status == collective.STATUS_PROTOCOL:  # the worker did not take the request's tensors; it ends the link
+            raise LinkError(f"collective link to {link.name}: the worker refused the request: "
+                            f"{self._error_text(link, n)}")
+        for op in call.data_sends:  # complete: the worker has them all (the tensors may be released now)
+            link.wait(op)
+        if status != collective.STATUS_OK:
+            raise WorkerError(f"expert worker error: {self._error_text(link, n)}")
         if (n, H) != (call.T, call.H) or code not in CODE_DTYPES:
-            raise LinkError(f"bad response header {call.status.tolist()} for a [{call.T}, {call.H}] request")
+            raise LinkError(f"collective link to {link.name}: bad reply header {call.status.tolist()} "
+                            f"for a [{call.T}, {call.H}] request")
         out = torch.empty(n, H, dtype=CODE_DTYPES[code], device=link.device)  # [T, H]
-        link.recv_and_wait([out])
+        link.recv_and_wait([out], "reply")
         return out
+
+    @staticmethod
+    def _error_text(link: Link, n: int) -> str:
+        message = torch.empty(n, dtype=torch.uint8)
+        link.recv_and_wait([message], "error reply", link.ctrl)
+        return bytes(message.tolist()).decode(errors="replace")
 
     def _drop(self, link: Link) -> None:
         """Forget a failed link; the dispatcher treats its worker as dead from here on."""
         with self._lock:
+            self._failed |= {w for w, l in self._links.items() if l is link}
             self._links = {w: l for w, l in self._links.items() if l is not link}
+        link.abort()
 
     def close(self):
         with self._lock:
@@ -290,3 +358,14 @@ class CollectiveTransport(Transport):
 
 
 TRANSPORTS = {"ray": RayCallTransport, "socket": SocketTransport, "collective": CollectiveTransport}
+
+
+def make_transport(name: str, device: torch.device | str = CPU) -> Transport:
+    """A router's transport by its setting's name, in a Ray process; device: the engine's device."""
+    if name == "socket":
+        import ray
+
+        return SocketTransport(ray.get_runtime_context().get_node_id())  # Unix sockets to same-node workers
+    if name == "collective":
+        return CollectiveTransport(device=device)
+    return TRANSPORTS[name]()

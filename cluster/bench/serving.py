@@ -397,7 +397,7 @@ def direct_round_trip(transport_name: str, workers: dict, batch: int, hidden_siz
     hosted expert, so compute is small; it is subtracted (the slower worker's mean compute per call)."""
     import ray
 
-    from router_service.transports import TRANSPORTS, SocketTransport
+    from router_service.transports import make_transport
 
     infos = ray.get([h.info.remote() for h in workers.values()], timeout=RPC_TIMEOUT)
     handles = {i["worker_id"]: h for i, h in zip(infos, workers.values())}
@@ -405,8 +405,7 @@ def direct_round_trip(transport_name: str, workers: dict, batch: int, hidden_siz
     for i in infos:
         layer = min(i["hosted"])
         targets[i["worker_id"]] = (layer, i["hosted"][layer][0])
-    transport = (SocketTransport(ray.get_runtime_context().get_node_id()) if transport_name == "socket"
-                 else TRANSPORTS[transport_name]())
+    transport = make_transport(transport_name)  # host-memory tensors, as this process makes them
     transport.connect(handles)
     hidden = torch.randn(batch, hidden_size).to(dtype)
     token, weight = torch.arange(batch), torch.ones(batch, dtype=dtype)

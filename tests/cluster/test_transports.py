@@ -40,6 +40,11 @@ def request(ids, max_tokens):
 
 @pytest.mark.parametrize("transport", ["ray", "socket", "collective"])
 def test_transport_matches_the_single_process_engine(ray_session, tiny_model, expected, transport):
+    """Then a worker answers with an error (a replica the plan gives it is gone): that step's request fails,
+    retryably, but the worker is alive, so it is neither taken for dead nor replaced, and serves the next step
+    at once (nothing left waiting on its connection)."""
+    import ray
+
     controller, ports = start_cluster(ClusterSettings(model=tiny_model, num_workers=3, port=0, engine=ENGINE,
                                                       transport=transport, rebalance_below_balancedness=None))
     try:
@@ -47,8 +52,62 @@ def test_transport_matches_the_single_process_engine(ray_session, tiny_model, ex
             stub = pb2_grpc.GenerationStub(channel)
             futures = [stub.Generate.future(request(p, 10), timeout=120) for p in PROMPTS]
             assert [list(f.result().token_ids) for f in futures] == expected[10]
+
+            worker = ray.get_actor("expert-worker-0", namespace=NAMESPACE)
+            hosted = ray.get(worker.info.remote())["hosted"]
+            ray.get(worker.unload_replicas.remote(hosted))
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Generate(request(PROMPTS[2], 4), timeout=30)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "not hosted" in failed.value.details()
+            ray.get(worker.load_replicas.remote(hosted))
+            started = time.monotonic()
+            futures = [stub.Generate.future(request(p, 10), timeout=30) for p in PROMPTS]
+            assert [list(f.result().token_ids) for f in futures] == expected[10]
+            assert time.monotonic() - started < 20  # a stale reply would hold the next step for the 60 s timeout
+        assert ray.get(controller.router_stats.remote())[0]["recoveries"] == []
+        assert not [e for e in ray.get(controller.plan_events.remote()) if "failed" in e["reason"]]
     finally:
         stop_cluster(controller)
+
+
+@pytest.fixture(scope="module")
+def live_and_dead_worker(ray_session, tiny_model):
+    """Two bare expert workers hosting a few experts of the first MoE layer; the second one killed."""
+    import ray
+
+    from expert_workers.checkpoint import Checkpoint
+    from expert_workers.worker import ExpertWorker
+
+    layer = Checkpoint(tiny_model).spec.moe_layers[0]
+    cls = ray.remote(ExpertWorker)
+    workers = [cls.options(num_cpus=0).remote(w, tiny_model, {layer: [0, 1]}, "float32") for w in (0, 1)]
+    ray.get([w.info.remote() for w in workers], timeout=120)
+    ray.kill(workers[1])
+    yield layer, *workers
+    ray.kill(workers[0])
+
+
+@pytest.mark.parametrize("transport", ["socket", "collective"])
+def test_connect_leaves_out_a_dead_worker(live_and_dead_worker, transport):
+    """A plan can name a worker that died meanwhile: connecting still reaches the others (the dead one's calls
+    then fail, and the dispatcher re-runs them elsewhere) instead of failing the plan switch."""
+    import torch
+
+    from router_service.transports import make_transport
+
+    layer, live, dead = live_and_dead_worker
+    t = make_transport(transport)
+    try:
+        t.connect({0: live, 1: dead})
+        args = (layer, torch.randn(2, 64), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0.5, 0.5]))
+        (out,) = t.collect([t.submit(0, *args)])
+        assert out.shape == (2, 64)
+        with pytest.raises(KeyError):
+            t.submit(1, *args)
+        if transport == "collective":
+            assert t._failed == {1}  # not asked again at the next plan
+    finally:
+        t.close()
 
 
 def open_links(ray, controller) -> dict[str, int]:

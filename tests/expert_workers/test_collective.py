@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from expert_workers.checkpoint import Checkpoint
-from expert_workers.collective import LinkError, LinkServer
+from expert_workers.collective import REQ_LEN, RSP_LEN, STATUS_PROTOCOL, LinkError, LinkServer
 from expert_workers.experts import ExpertGroup
+from expert_workers.wire import WorkerError
 from router_service.transports import CollectiveTransport
 
 HOSTED = {1: [0, 2, 5], 2: [1, 3]}
@@ -30,10 +32,10 @@ def group(tiny_model):
 @pytest.fixture
 def links(group):
     """A transport linked to two worker ends (ids 0 and 1) served on threads of this process."""
-    servers = [LinkServer(group.run, "127.0.0.1", "gloo", timeout=20) for _ in range(2)]
+    servers = [LinkServer(group.run, "127.0.0.1", "gloo", timeout=20).start() for _ in range(2)]
     transport = CollectiveTransport("gloo", timeout=20)
     for worker_id, server in enumerate(servers):
-        transport.add(worker_id, transport.join(server.rendezvous))
+        transport.add(worker_id, transport.join(server.rendezvous, f"expert worker {worker_id}"))
     yield transport, servers
     transport.close()
     for server in servers:  # every worker end has ended: no thread left behind
@@ -76,7 +78,7 @@ def test_worker_error_is_reported_and_the_link_keeps_serving(links):
     transport, servers = links
     token, weight = torch.tensor([0]), torch.tensor([1.0])
     (err,) = transport.collect([transport.submit(0, 1, torch.randn(1, H), token, torch.tensor([7]), weight)])
-    assert isinstance(err, RuntimeError) and not isinstance(err, LinkError)
+    assert isinstance(err, WorkerError)
     assert "experts [7] are not hosted" in str(err)
     (out,) = transport.collect([transport.submit(0, 1, torch.randn(1, H), token, torch.tensor([2]), weight)])
     assert out.shape == (1, H)
@@ -95,14 +97,31 @@ def test_retain_closes_the_worker_end_of_dropped_links(links):
     assert out.shape == (1, H)
 
 
+def test_a_request_the_worker_cannot_read_is_answered_before_the_link_ends(links):
+    """A header of another protocol (version skew): the worker cannot receive the tensors that follow, so it
+    ends the link, but says why first, rather than leaving the router to wait for a reply until its timeout."""
+    transport, servers = links
+    link = transport._links[0]
+    link.send_and_wait([torch.tensor([7, 1, 1, 1, H, 0])], "a header of another protocol", link.ctrl)
+    status = torch.empty(RSP_LEN, dtype=torch.int64)
+    link.recv_and_wait([status], "reply header", link.ctrl)
+    assert status[0] == STATUS_PROTOCOL
+    message = torch.empty(int(status[1]), dtype=torch.uint8)
+    link.recv_and_wait([message], "error reply", link.ctrl)
+    assert bytes(message.tolist()).decode() == "not our protocol: header [7, 1, 1, 1, 64, 0]"
+    servers[0].thread.join(10)
+    assert not servers[0].thread.is_alive()
+
+
 CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.collective import LinkServer
 from expert_workers.experts import ExpertGroup
+from expert_workers.wire import WorkerError
 group = ExpertGroup.load(Checkpoint(sys.argv[1]), {1: [0, 2, 5]}, torch.float32)
-servers = [LinkServer(group.run, "127.0.0.1", "gloo", timeout=60) for _ in range(2)]
+servers = [LinkServer(group.run, "127.0.0.1", "gloo", timeout=60).start() for _ in range(2)]
 print(json.dumps([s.rendezvous for s in servers]), flush=True)
 time.sleep(600)
 """
@@ -117,7 +136,8 @@ def test_silent_or_killed_worker_fails_the_call_not_the_router(tiny_model):
         rendezvous = json.loads(child.stdout.readline())
         transport = CollectiveTransport("gloo", timeout=2)
         for worker_id, r in enumerate(rendezvous):
-            transport.add(worker_id, transport.join(r))
+            transport.add(worker_id, transport.join(r, f"expert worker {worker_id}"))
+        link = transport._links[1]
         args = (1, torch.randn(2, H), torch.tensor([0, 1]), torch.tensor([0, 5]), torch.tensor([0.5, 0.5]))
         assert transport.collect([transport.submit(0, *args)])[0].shape == (2, H)
 
@@ -125,6 +145,9 @@ def test_silent_or_killed_worker_fails_the_call_not_the_router(tiny_model):
         started = time.monotonic()
         (err,) = transport.collect([transport.submit(0, *args)])
         assert isinstance(err, LinkError) and 1.5 < time.monotonic() - started < 10, err
+        # which link, which operation (the request's send or the reply's receive, as the timing falls), then gloo's
+        assert re.match(r"collective link to expert worker 0 at 127\.0\.0\.1:\d+: "
+                        r"(send request header|receive reply header) failed: ", str(err)), err
 
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
@@ -136,6 +159,12 @@ def test_silent_or_killed_worker_fails_the_call_not_the_router(tiny_model):
         except LinkError as raised:  # gloo may refuse the send at once
             err = raised
         assert isinstance(err, LinkError) and time.monotonic() - started < 1.5, err
+        assert str(err).startswith("collective link to expert worker 1 at 127.0.0.1:"), err
+        # Posting on the failed link (as the CLOSE of a plan change would) fails as a LinkError too, not as
+        # gloo's bare RuntimeError that the transport would take for the worker's own error.
+        close = torch.zeros(REQ_LEN, dtype=torch.int64)
+        with pytest.raises(LinkError, match=r"^collective link to expert worker 1 at .*: send CLOSE failed: "):
+            link.send_and_wait([close], "CLOSE", link.ctrl)
         with pytest.raises(KeyError):  # both links forgotten: the dispatcher re-runs their pairs elsewhere
             transport.submit(0, *args)
         with pytest.raises(KeyError):

@@ -9,7 +9,7 @@ import torch
 
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import ExpertGroup
-from expert_workers.wire import ExpertServer, recv_response, send_request
+from expert_workers.wire import ExpertServer, WorkerError, recv_response, send_request
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_worker_error_is_reported_and_the_connection_keeps_serving(server):
     with _connect(server, "tcp") as sock:
         token, expert, weight = torch.tensor([0]), torch.tensor([7]), torch.tensor([1.0])  # expert 7 not hosted
         send_request(sock, 1, torch.randn(1, H), token, expert, weight)
-        with pytest.raises(RuntimeError, match=r"experts \[7\] are not hosted"):
+        with pytest.raises(WorkerError, match=r"experts \[7\] are not hosted"):
             recv_response(sock)
         send_request(sock, 1, torch.randn(1, H), token, torch.tensor([2]), weight)
         assert recv_response(sock).shape == (1, H)
