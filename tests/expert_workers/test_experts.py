@@ -129,3 +129,29 @@ def test_loading_runs_at_low_priority_and_leaves_the_caller_alone():
     assert nice() == before
     with pytest.raises(ValueError, match="bad replica"):
         at_low_priority(lambda: (_ for _ in ()).throw(ValueError("bad replica")))
+
+
+def test_adding_and_removing_replicas_equals_loading_them_at_once(tiny_model):
+    from expert_workers.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny_model)
+    layer = ck.spec.moe_layers[0]
+    E = ck.spec.moe.num_experts
+    whole = ExpertGroup.load(ck, {layer: list(range(E))}, torch.float32)
+    grown = ExpertGroup.load(ck, {layer: [5, 1]}, torch.float32)
+    assert grown.add(ck, {layer: [0, 1, 7, 3, 2, 4, 6]}, torch.float32) > 0  # paced, like a live rebalance
+    grown.add(ck, {layer + 1: [2]}, torch.float32)
+    assert grown.hosted() == {layer: list(range(E)), layer + 1: [2]}
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, ck.spec.hidden_size, generator=gen)
+    token = torch.arange(6).repeat_interleave(2)
+    expert = torch.randint(0, E, (12,), generator=gen)
+    weight = torch.rand(12, generator=gen)
+    torch.testing.assert_close(grown.run(layer, hidden, token, expert, weight),
+                               whole.run(layer, hidden, token, expert, weight), atol=0, rtol=0)
+    grown.remove({layer: [0, 3]})
+    kept = expert[(expert != 0) & (expert != 3)]
+    assert grown.hosted()[layer] == sorted(set(range(E)) - {0, 3})
+    sel = (expert != 0) & (expert != 3)
+    torch.testing.assert_close(grown.run(layer, hidden, token[sel], kept, weight[sel]),
+                               whole.run(layer, hidden, token[sel], kept, weight[sel]), atol=0, rtol=0)
