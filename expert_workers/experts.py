@@ -17,24 +17,28 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from expert_workers import kernels
 from expert_workers.checkpoint import Checkpoint
 
 R = TypeVar("R")
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with gate and up fused. x [T, H], gate_up [2I, H], down [H, I]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
-    return F.linear(F.silu(gate) * up, down)  # [T, H]
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor | kernels.LinearWeight,
+           down: torch.Tensor | kernels.LinearWeight) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with gate and up fused. x [T, H], gate_up [2I, H], down [H, I]
+    (as tensors, or prepared for a CPU kernel by `kernels.prepare_linear`)."""
+    gate, up = kernels.linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
+    return kernels.linear(F.silu(gate) * up, down)  # [T, H]
 
 
 @dataclass(frozen=True)
 class LayerExperts:
     """One layer's hosted replicas, stacked. Immutable: a change builds a new one and swaps it in."""
 
-    gate_up: torch.Tensor  # [n, 2I, H]
-    down: torch.Tensor  # [n, H, I]
+    gate_up: torch.Tensor  # [n, 2I, H]; packed per row for the amx kernel (kernels.prepare_experts)
+    down: torch.Tensor  # [n, H, I]; likewise
     slot: torch.Tensor  # [E] long: row of each logical expert, -1 where not hosted
+    backend: str | None = None  # the CPU kernel these weights are laid out for; None: plain torch
 
     @property
     def experts(self) -> list[int]:
@@ -87,12 +91,13 @@ class ExpertGroup:
                 continue
             gate_up, down = checkpoint.read_experts(layer, new, dtype)
             read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+            gate_up, down, backend = kernels.prepare_experts(gate_up.to(self.device), down.to(self.device))
             keep = current.experts if current else []
             if current is not None:
                 rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
                 gate_up = _stack_after(current.gate_up, rows, gate_up)
                 down = _stack_after(current.down, rows, down)
-            self._set(layer, keep + new, gate_up, down)
+            self._set(layer, keep + new, gate_up, down, backend)
             if paced:
                 time.sleep(time.perf_counter() - started)
         return read
@@ -112,13 +117,14 @@ class ExpertGroup:
                 del self.layers[layer]
                 continue
             rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
-            self._set(layer, keep, current.gate_up[rows], current.down[rows])
+            self._set(layer, keep, current.gate_up[rows], current.down[rows], current.backend)
 
-    def _set(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def _set(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+             backend: str | None = None) -> None:
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
         self.layers[layer] = LayerExperts(gate_up.to(self.device).contiguous(), down.to(self.device).contiguous(),
-                                          slot.to(self.device))
+                                          slot.to(self.device), backend)
 
     def hosted(self) -> dict[int, list[int]]:
         return {layer: le.experts for layer, le in self.layers.items()}
@@ -145,6 +151,8 @@ class ExpertGroup:
         if bool((rows < 0).any()):
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
+        if le.backend == "amx" or (le.backend == "dot" and rows.numel() <= kernels.DOT_MAX_ROWS * rows.unique().numel()):
+            return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)  # fused, one call
         order = torch.argsort(rows, stable=True)  # pairs grouped by expert
         counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
         token, weight, rows = token[order], weight[order], rows[order]

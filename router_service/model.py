@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from expert_workers import kernels
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import swiglu
+from expert_workers.kernels import LinearWeight, linear
 from expert_workers.spec import LongRopeScaling, MoESpec, ModelSpec
 from router_service.dispatch import ExpertDispatcher, PendingExperts
 from router_service.kv_cache import KVCache
@@ -256,6 +258,12 @@ class MLAWeights:
     kv_a_norm: torch.Tensor  # kv_a_layernorm [R]
     kv_b: torch.Tensor  # kv_b_proj [Q * (Dn + Dv), R]
 
+    def prepare_kernels(self) -> None:
+        """Hand each projection to the CPU kernel that will multiply it (kernels.prepare_linear)."""
+        for name in ("q", "q_a", "q_b", "kv_a", "kv_b"):
+            if getattr(self, name) is not None:
+                setattr(self, name, kernels.prepare_linear(getattr(self, name)))
+
 
 @dataclass
 class LayerWeights:
@@ -275,6 +283,16 @@ class LayerWeights:
     input_norm_bias: torch.Tensor | None = None  # [H], LayerNorm (spec.norm "layer")
     post_norm_bias: torch.Tensor | None = None  # [H]
     o_bias: torch.Tensor | None = None  # [H] (spec.o_proj_bias)
+
+    def prepare_kernels(self) -> None:
+        """Hand each linear's weight to the CPU kernel that will multiply it (kernels.prepare_linear): prepacked
+        where the kernel wants its own layout, so these fields may hold a LinearWeight instead of a tensor.
+        The gate stays a plain fp32 tensor (routing is computed in fp32, as the references do)."""
+        for name in ("qkv", "o", "mlp_gate_up", "mlp_down", "shared_gate_up", "shared_down", "shared_gate"):
+            if getattr(self, name) is not None:
+                setattr(self, name, kernels.prepare_linear(getattr(self, name)))
+        if self.mla is not None:
+            self.mla.prepare_kernels()
 
 
 def _read_mla(spec: ModelSpec, attn: str, read) -> MLAWeights:
@@ -306,9 +324,11 @@ class CausalLM:
         self.spec = spec
         self.embed = embed  # [V, H]
         self.layers = layers
+        for lw in layers:
+            lw.prepare_kernels()
         self.norm = norm  # [H]
         self.norm_bias = norm_bias  # [H], LayerNorm only
-        self.lm_head = lm_head  # [V, H]
+        self.lm_head = kernels.prepare_linear(lm_head)  # [V, H]
         self.lm_head_bias = lm_head_bias  # [V]
         self.dispatcher = dispatcher
         self.load: LoadWindow | None = None  # routing telemetry, when the router keeps it
@@ -425,7 +445,7 @@ class CausalLM:
                 order = torch.tensor(groups[0] + groups[1], device=rows.device)  # [S] chunk of each row
                 last = torch.empty_like(rows).index_copy_(0, order, rows)
             last = decoder_norm(last, self.norm, self.norm_bias, self.spec.rms_norm_eps)
-            return F.linear(last, self.lm_head, self.lm_head_bias).float()  # [S, V]
+            return linear(last, self.lm_head, self.lm_head_bias).float()  # [S, V]
 
     def _embed(self, batch: ForwardBatch) -> "_Flow":
         cos, sin = self.cos[batch.positions, None, :], self.sin[batch.positions, None, :]  # [T, 1, D]
@@ -460,8 +480,8 @@ class CausalLM:
             kv.write(layer, batch.slots, batch.positions, entry)
             out = self._attend(q, layer, batch, kv, lambda keys, _: self._mla_expand(lw.mla, keys),
                                dict(scale=spec.mla.softmax_scale), spec.mla.v_head_dim)  # [T, Q, Dv]
-            return F.linear(out.view(T, Q * spec.mla.v_head_dim), lw.o)  # [T, H]
-        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [T, (Q + 2N) * D]
+            return linear(out.view(T, Q * spec.mla.v_head_dim), lw.o)  # [T, H]
+        qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, (Q + 2N) * D]
         q, k, v = qkv.split([Q * D, N * D, N * D], dim=-1)
         q = q.view(T, Q, D)
         k = k.view(T, N, D)
@@ -469,7 +489,7 @@ class CausalLM:
         k = k * cos + rotate_half(k) * sin  # [T, N, D]
         kv.write(layer, batch.slots, batch.positions, k, v.view(T, N, D))
         out = self._attend(q, layer, batch, kv, lambda keys, values: (keys, values), dict(enable_gqa=Q != N), D)
-        return F.linear(out.view(T, Q * D), lw.o, lw.o_bias)  # [T, H]
+        return linear(out.view(T, Q * D), lw.o, lw.o_bias)  # [T, H]
 
     def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, kv: KVCache, expand, sdpa: dict,
                 value_dim: int) -> torch.Tensor:
@@ -501,13 +521,13 @@ class CausalLM:
         mla, eps = self.spec.mla, self.spec.rms_norm_eps
         T, Q, R, Dn = h.shape[0], self.spec.num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim
         if w.q is not None:
-            q = F.linear(h, w.q)  # [T, Q * (Dn + Dr)]
+            q = linear(h, w.q)  # [T, Q * (Dn + Dr)]
         else:
-            q = F.linear(rms_norm(F.linear(h, w.q_a), w.q_a_norm, eps), w.q_b)  # [T, Rq] -> [T, Q * (Dn + Dr)]
+            q = linear(rms_norm(linear(h, w.q_a), w.q_a_norm, eps), w.q_b)  # [T, Rq] -> [T, Q * (Dn + Dr)]
         q = q.view(T, Q, mla.qk_head_dim)
         q_nope, q_rope = q.split([Dn, mla.qk_rope_head_dim], dim=-1)
         q_rope = q_rope * cos + rotate_half(q_rope) * sin  # [T, Q, Dr]
-        latent, k_rope = F.linear(h, w.kv_a).split([R, mla.qk_rope_head_dim], dim=-1)  # [T, R], [T, Dr]
+        latent, k_rope = linear(h, w.kv_a).split([R, mla.qk_rope_head_dim], dim=-1)  # [T, R], [T, Dr]
         latent = rms_norm(latent, w.kv_a_norm, eps)
         k_rope = k_rope * cos[:, 0] + rotate_half(k_rope) * sin[:, 0]  # [T, Dr]
         return torch.cat([q_nope, q_rope], dim=-1), torch.cat([latent, k_rope], dim=-1).unsqueeze(1)
@@ -517,7 +537,7 @@ class CausalLM:
         mla, Q = self.spec.mla, self.spec.num_heads
         B, _, L, _ = entries.shape
         latent, k_rope = entries[:, 0].split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)  # [B, L, R], [B, L, Dr]
-        kv = F.linear(latent, w.kv_b).view(B, L, Q, -1).transpose(1, 2)  # [B, Q, L, Dn + Dv]
+        kv = linear(latent, w.kv_b).view(B, L, Q, -1).transpose(1, 2)  # [B, Q, L, Dn + Dv]
         k_nope, values = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
         keys = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, Q, L, mla.qk_rope_head_dim)], dim=-1)
         return keys, values
@@ -602,7 +622,7 @@ class CausalLM:
             if lw.shared_gate_up is not None:
                 out = swiglu(h, lw.shared_gate_up, lw.shared_down)  # [T, H]
                 if lw.shared_gate is not None:
-                    out = out * torch.sigmoid(F.linear(h, lw.shared_gate))
+                    out = out * torch.sigmoid(linear(h, lw.shared_gate))
         return _MoEInFlight(pending, h, out, kept)
 
     def _moe_finish(self, moe: "_MoEInFlight") -> torch.Tensor:

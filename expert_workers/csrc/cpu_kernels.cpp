@@ -1,0 +1,464 @@
+// Decode-step CPU kernels: linears and the fused routed-expert FFN, at memory bandwidth.
+//
+// A decode step reads every weight it touches once and multiplies it by a handful of token rows. torch's
+// general GEMMs reach a third to a half of the memory bandwidth at such shapes (measured in
+// docs/kernels.md), so the step is written here as two backends chosen per CPU when this file is built:
+//   amx   bf16 on AMX: weights prepacked once into VNNI tiles (see `linear_amx`), any number of rows;
+//   dot   register-tiled dot products of token rows with unpacked weight rows, fp32 accumulation:
+//         bf16 x bf16 with AVX512-BF16 (vdpbf16ps), fp32 x fp32 with AVX-512 or AVX2+FMA. Compute-bound
+//         past a few rows, so the Python side uses it for small batches only.
+// Threads split output columns through torch's intra-op pool (at::parallel_for): no second runtime.
+//
+// Built on first use for the CPU it runs on (-march=native; expert_workers/cpu_kernels.py decides when
+// each op is used and falls back to plain torch where none applies).
+//
+// Shape legend: M token rows, N output features, K input features; P (token, expert) pairs,
+// n hosted expert rows, H hidden, I expert width.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int MT = 6;        // token rows per register tile
+constexpr int NR = 4;        // weight rows per register tile (NR * MT accumulators)
+constexpr int64_t NB = 32;   // output features per parallel work item (two AMX column blocks)
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16 = true;
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// out[m * ld + r] = x_m . w_r for r < nr weight rows (w: row stride K), m < mt token rows.
+template <int nr, int mt>
+inline void dot_tile_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, float* out, int64_t ld) {
+  __m512 acc[nr][mt];
+  _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r)
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv[mt];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x[m] + k);
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (nr + r) * K + k), _MM_HINT_T0);  // the next tile's rows
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+      _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r)
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) {
+      float s = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t j = k; j < K; ++j) s += bf16_to_f32(x[m][j]) * bf16_to_f32(w[r * K + j]);
+      out[m * ld + r] = s;
+    }
+}
+#else
+constexpr bool kHasBf16 = false;
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr bool kHasF32 = true;
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int64_t W = 16;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#else
+using vec = __m256;
+constexpr int64_t W = 8;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+#endif
+template <int nr, int mt>
+inline void dot_tile_f32(const float* const* x, const float* w, int64_t K, float* out, int64_t ld) {
+  vec acc[nr][mt];
+  _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r)
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = vzero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vec xv[mt];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) xv[m] = vload(x[m] + k);
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (nr + r) * K + k), _MM_HINT_T0);  // the next tile's rows
+      vec wv = vload(w + r * K + k);
+      _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r)
+    _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) {
+      float s = vsum(acc[r][m]);
+      for (int64_t j = k; j < K; ++j) s += x[m][j] * w[r * K + j];
+      out[m * ld + r] = s;
+    }
+}
+#else
+constexpr bool kHasF32 = false;
+#endif
+
+// One register tile: nr weight rows against mt (runtime, <= MT) token rows.
+template <typename T, int nr>
+inline void tile(const T* const* x, int64_t mt, const T* w, int64_t K, float* out, int64_t ld) {
+#define TILE(k)                                                        \
+  case k:                                                              \
+    if constexpr (std::is_same_v<T, uint16_t>) {                       \
+      if constexpr (kHasBf16) dot_tile_bf16<nr, k>(x, w, K, out, ld);  \
+    } else {                                                           \
+      if constexpr (kHasF32) dot_tile_f32<nr, k>(x, w, K, out, ld);    \
+    }                                                                  \
+    break;
+  switch (mt) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) }
+#undef TILE
+}
+
+// out[m * ld + j] = x_m . w_j for rows j in [n0, n1) of w [N, K], every m < M (x: M row pointers).
+template <typename T>
+void dot_rows(const T* const* x, int64_t M, const T* w, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ld) {
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const int64_t mt = std::min<int64_t>(MT, M - m0);
+    const T* const* xr = x + m0;
+    int64_t j = n0;
+    for (; j + NR <= n1; j += NR) tile<T, NR>(xr, mt, w + j * K, K, out + m0 * ld + j, ld);
+    for (; j < n1; ++j) tile<T, 1>(xr, mt, w + j * K, K, out + m0 * ld + j, ld);
+  }
+}
+
+
+
+template <typename T>
+const T* data(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
+
+// ---- AMX (bf16 tiles) --------------------------------------------------------------------------------
+//
+// Weights are prepacked once (cpu_kernels.py, `pack_amx`) from W [N, K] into tiles [N/16, K/32, 16, 32]:
+// row kp of tile (nb, kb) holds, for n = 0..15, the pair W[16 nb + n][32 kb + 2 kp + {0, 1}], the VNNI
+// layout TDPBF16PS reads as its B operand. Activations come as a zero-padded [16 * ceil(M / 16), K] block,
+// so every A tile has 16 rows. A work item is a pair of 16-column output blocks: for each block of 16
+// token rows it accumulates C0, C1 over the K/32 tiles, so each weight tile is read once per 16 rows.
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+constexpr bool kHasAmx = true;
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0, 1: C (16 x 16 fp32); 2: A (16 rows x 32 bf16); 3, 4: B (16 k-pairs x 16 columns x 2 bf16).
+// Set on every thread that runs tiles, at the start of each work chunk (oneDNN may have set its own).
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+bool amx_permitted() {
+  // Linux grants the AMX tile state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+// out[m * ld + j] for m < M and columns j of 16-column blocks [nb0, nb1): a [16 * ceil(M / 16), K] bf16,
+// w packed [N/16, K/32, 16, 32].
+void amx_columns(const uint16_t* a, int64_t M, const uint16_t* w, int64_t K, int64_t nb0, int64_t nb1, float* out,
+                 int64_t ld) {
+  const int64_t KB = K / 32;
+  alignas(64) float c[2][16][16];
+  for (int64_t nb = nb0; nb < nb1; nb += 2) {
+    const bool two = nb + 1 < nb1;
+    const uint16_t* b0 = w + nb * KB * 512;
+    const uint16_t* b1 = b0 + KB * 512;
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const uint16_t* am = a + m0 * K;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        // A tile load waits for its cache lines one by one; fetching the B tiles of iteration kb + 2 now
+        // keeps the weight stream ahead of the tile unit (2.5x the rate measured without).
+        if (m0 == 0) {
+          const char* next0 = reinterpret_cast<const char*>(b0 + (kb + 2) * 512);
+          const char* next1 = reinterpret_cast<const char*>(b1 + (kb + 2) * 512);
+          for (int line = 0; line < 1024; line += 64) {
+            _mm_prefetch(next0 + line, _MM_HINT_T0);
+            if (two) _mm_prefetch(next1 + line, _MM_HINT_T0);
+          }
+        }
+        _tile_loadd(2, am + kb * 32, K * 2);
+        _tile_loadd(3, b0 + kb * 512, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+          _tile_loadd(4, b1 + kb * 512, 64);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      if (two) _tile_stored(1, c[1], 64);
+      const int64_t rows = std::min<int64_t>(16, M - m0);
+      for (int t = 0; t < (two ? 2 : 1); ++t)
+        for (int64_t m = 0; m < rows; ++m) std::memcpy(out + (m0 + m) * ld + (nb + t) * 16, c[t][m], 64);
+    }
+  }
+}
+#else
+constexpr bool kHasAmx = false;
+bool amx_permitted() { return false; }
+#endif
+
+// The two backends behind one call: out[m * ld + j] = x_m . w_j for m < M and output features j in
+// [j0, j1) (multiples of 16 on amx). x: M row pointers (dot), or a padded block at x[0] (amx).
+enum class Backend { amx, dot };
+
+template <typename T>
+void matmul_columns(Backend b, const T* const* x, int64_t M, const T* w, int64_t K, int64_t j0, int64_t j1,
+                    float* out, int64_t ld) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (b == Backend::amx) return amx_columns(x[0], M, w, K, j0 / 16, (j1 + 15) / 16, out, ld);
+  }
+#endif
+  dot_rows<T>(x, M, w, K, j0, j1, out, ld);
+}
+
+inline int64_t padded(int64_t m) { return (m + 15) / 16 * 16; }
+
+// Input rows for one matmul: row pointers for dot; for amx one zero-padded contiguous block (its first row).
+template <typename T>
+struct Rows {
+  std::vector<T> block;
+  std::vector<const T*> ptrs;
+  Rows(Backend b, const T* const* src, int64_t M, int64_t K) {
+    if (b == Backend::amx) {
+      block.assign(padded(M) * K, T(0));
+      for (int64_t m = 0; m < M; ++m) std::memcpy(block.data() + m * K, src[m], K * sizeof(T));
+      ptrs.assign(1, block.data());
+    } else {
+      ptrs.assign(src, src + M);
+    }
+  }
+};
+
+bool dot_supports(at::ScalarType t) { return t == at::kBFloat16 ? kHasBf16 : t == at::kFloat ? kHasF32 : false; }
+
+Backend parse_backend(const std::string& name, at::ScalarType dtype) {
+  if (name == "amx") {
+    TORCH_CHECK(kHasAmx && amx_permitted(), "backend amx: this build or this process has no AMX");
+    TORCH_CHECK(dtype == at::kBFloat16, "backend amx computes bf16 only, got ", dtype);
+    return Backend::amx;
+  }
+  TORCH_CHECK(name == "dot", "unknown backend '", name, "' (amx or dot)");
+  TORCH_CHECK(dot_supports(dtype), "backend dot: no kernel for ", dtype, " on this CPU");
+  return Backend::dot;
+}
+
+// Logical [N, K] of a weight: packed amx tiles [N/16, K/32, 16, 32] (leading dims: a stack), else [N, K].
+std::pair<int64_t, int64_t> features(Backend b, const at::Tensor& w) {
+  if (b == Backend::amx) {
+    TORCH_CHECK(w.dim() >= 4 && w.size(-2) == 16 && w.size(-1) == 32, "amx weight must be packed [.., N/16, K/32, 16, 32]");
+    return {w.size(-4) * 16, w.size(-3) * 32};
+  }
+  return {w.size(-2), w.size(-1)};
+}
+
+// y [M, N] = x [M, K] @ w^T, in x's dtype (fp32 accumulation).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const std::string& backend) {
+  const Backend b = parse_backend(backend, x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == (b == Backend::amx ? 4 : 2), "linear: x [M, K] and one weight");
+  TORCH_CHECK(w.scalar_type() == x_in.scalar_type() && w.is_contiguous(), "linear: w must be contiguous ", x_in.scalar_type());
+  const auto [N, K] = features(b, w);
+  TORCH_CHECK(x_in.size(1) == K, "linear: x has ", x_in.size(1), " features, w expects ", K);
+  at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> src(M);
+    for (int64_t m = 0; m < M; ++m) src[m] = data<T>(x) + m * K;
+    Rows<T> rows(b, src.data(), M, K);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t i0, int64_t i1) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+      if (b == Backend::amx) amx_configure();
+#endif
+      for (int64_t i = i0; i < i1; ++i)
+        matmul_columns<T>(b, rows.ptrs.data(), M, data<T>(w), K, i * NB, std::min(N, (i + 1) * NB), yp, N);
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+      if (b == Backend::amx) _tile_release();
+#endif
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) run(uint16_t{});
+  else run(float{});
+  return y.to(x.scalar_type());
+}
+
+// The routed-expert FFN of one layer, fused:
+//   out[t] = sum over pairs p with token[p] = t of  weight[p] * down_r(silu(gate_r x_t) * up_r x_t),  r = row[p]
+// hidden [T, H]; gate_up [n, 2I, H] (gate features first, then up), down [n, H, I], each a stack of hosted
+// rows (packed per row on amx); row, token [P] int64; weight [P] fp32. Returns [T, H] in hidden's dtype.
+template <typename T>
+void moe_impl(Backend b, const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
+              const int64_t* row, const int64_t* token, const float* weight, int64_t P, float* out) {
+  const int64_t n = gate_up.size(0);
+  const auto [I2, H] = features(b, gate_up);
+  const int64_t I = I2 / 2;
+  // Pairs grouped by hosted row; a counting sort keeps each row's pairs in pair order.
+  std::vector<int64_t> start(n + 1, 0), order(P);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(row[p] >= 0 && row[p] < n, "moe: pair ", p, " names hosted row ", row[p], " of ", n);
+    ++start[row[p] + 1];
+  }
+  for (int64_t r = 0; r < n; ++r) start[r + 1] += start[r];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < P; ++p) order[fill[row[p]]++] = p;
+  }
+  struct Hit {
+    int64_t row, first, count;  // hosted row, its first pair (sorted order), its pair count
+    Rows<T> x;                  // its tokens' hidden rows
+  };
+  std::vector<Hit> hits;
+  const T* xp = data<T>(hidden);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t q0 = start[r], m = start[r + 1] - q0;
+    if (m == 0) continue;
+    std::vector<const T*> src(m);
+    for (int64_t q = 0; q < m; ++q) src[q] = xp + token[order[q0 + q]] * H;
+    hits.push_back({r, q0, m, Rows<T>(b, src.data(), m, H)});
+  }
+  const int64_t gu_items = (I2 + NB - 1) / NB, dn_items = (H + NB - 1) / NB;
+  const int64_t gu_stride = I2 * H, dn_stride = H * I;  // elements per hosted row (packing keeps the count)
+  // Work items are (hit row, block of NB output features); each thread configures its tiles once per chunk.
+  auto for_items = [&](int64_t per_hit, auto&& body) {
+    at::parallel_for(0, int64_t(hits.size()) * per_hit, 1, [&](int64_t i0, int64_t i1) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+      if (b == Backend::amx) amx_configure();
+#endif
+      for (int64_t i = i0; i < i1; ++i) body(hits[i / per_hit], i % per_hit);
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+      if (b == Backend::amx) _tile_release();
+#endif
+    });
+  };
+  // Gate and up projections of every pair: gu [P, 2I] fp32, rows in sorted pair order.
+  std::vector<float> gu(P * I2);
+  for_items(gu_items, [&](const Hit& h, int64_t j) {
+    matmul_columns<T>(b, h.x.ptrs.data(), h.count, data<T>(gate_up) + h.row * gu_stride, H, j * NB,
+                      std::min(I2, (j + 1) * NB), gu.data() + h.first * I2, I2);
+  });
+  // silu(gate) * up, rounded to the compute dtype as the down projection's input: [P, I].
+  std::vector<T> act(P * I);
+  at::parallel_for(0, P, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* g = gu.data() + q * I2;
+      T* a = act.data() + q * I;
+      for (int64_t j = 0; j < I; ++j) {
+        const float v = g[j] / (1.0f + std::exp(-g[j])) * g[I + j];
+        if constexpr (std::is_same_v<T, uint16_t>) a[j] = c10::BFloat16(v).x;  // round to nearest even
+        else a[j] = v;
+      }
+    }
+  });
+  for (Hit& h : hits) {
+    std::vector<const T*> src(h.count);
+    for (int64_t q = 0; q < h.count; ++q) src[q] = act.data() + (h.first + q) * I;
+    h.x = Rows<T>(b, src.data(), h.count, I);
+  }
+  // Down projection: y [P, H] fp32.
+  std::vector<float> y(P * H);
+  for_items(dn_items, [&](const Hit& h, int64_t j) {
+    matmul_columns<T>(b, h.x.ptrs.data(), h.count, data<T>(down) + h.row * dn_stride, I, j * NB,
+                      std::min(H, (j + 1) * NB), y.data() + h.first * H, H);
+  });
+  // Weighted sum into each pair's token; threads split the hidden features, so none shares a row's bytes.
+  at::parallel_for(0, H, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t p = order[q];
+      const float wgt = weight[p];
+      float* dst = out + token[p] * H;
+      const float* src = y.data() + q * H;
+      for (int64_t c = c0; c < c1; ++c) dst[c] += wgt * src[c];
+    }
+  });
+}
+
+at::Tensor moe(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& row_in,
+               const at::Tensor& token_in, const at::Tensor& weight_in, const std::string& backend) {
+  const Backend b = parse_backend(backend, hidden_in.scalar_type());
+  const int64_t wdim = b == Backend::amx ? 5 : 3;
+  TORCH_CHECK(hidden_in.dim() == 2 && gate_up.dim() == wdim && down.dim() == wdim,
+              "moe: hidden [T, H] and stacked gate_up, down of ", wdim, " dims");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "moe: stacked weights must be contiguous");
+  TORCH_CHECK(gate_up.scalar_type() == hidden_in.scalar_type() && down.scalar_type() == hidden_in.scalar_type(),
+              "moe: weights must be ", hidden_in.scalar_type());
+  const auto [I2, H] = features(b, gate_up);
+  const auto [Hd, I] = features(b, down);
+  TORCH_CHECK(H == hidden_in.size(1) && Hd == H && I2 == 2 * I && down.size(0) == gate_up.size(0),
+              "moe: weight shapes do not match hidden [T, ", hidden_in.size(1), "]");
+  at::Tensor hidden = hidden_in.contiguous();
+  at::Tensor row = row_in.to(at::kLong).contiguous(), token = token_in.to(at::kLong).contiguous();
+  at::Tensor weight = weight_in.to(at::kFloat).contiguous();
+  const int64_t P = row.numel();
+  TORCH_CHECK(token.numel() == P && weight.numel() == P, "moe: row, token and weight need one entry per pair");
+  at::Tensor out = at::zeros({hidden.size(0), H}, hidden.options().dtype(at::kFloat));
+  if (P > 0) {
+    const int64_t T = hidden.size(0);
+    for (int64_t p = 0; p < P; ++p)
+      TORCH_CHECK(token.data_ptr<int64_t>()[p] >= 0 && token.data_ptr<int64_t>()[p] < T, "moe: pair ", p, " names token ",
+                  token.data_ptr<int64_t>()[p], " of ", T);
+    auto args = std::make_tuple(row.data_ptr<int64_t>(), token.data_ptr<int64_t>(), weight.data_ptr<float>());
+    if (hidden.scalar_type() == at::kBFloat16)
+      moe_impl<uint16_t>(b, hidden, gate_up, down, std::get<0>(args), std::get<1>(args), std::get<2>(args), P,
+                         out.data_ptr<float>());
+    else
+      moe_impl<float>(b, hidden, gate_up, down, std::get<0>(args), std::get<1>(args), std::get<2>(args), P,
+                      out.data_ptr<float>());
+  }
+  return out.to(hidden.scalar_type());
+}
+
+// What this build can run here: "amx" (bf16), "dot:bfloat16", "dot:float32".
+std::vector<std::string> backends() {
+  std::vector<std::string> out;
+  if (kHasAmx && amx_permitted()) out.push_back("amx");
+  if (kHasBf16) out.push_back("dot:bfloat16");
+  if (kHasF32) out.push_back("dot:float32");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_serve_cpu, m) {
+  m.def("linear(Tensor x, Tensor w, str backend) -> Tensor", &linear);
+  m.def("moe(Tensor hidden, Tensor gate_up, Tensor down, Tensor row, Tensor token, Tensor weight, str backend) -> Tensor",
+        &moe);
+  m.def("backends() -> str[]", &backends);
+}

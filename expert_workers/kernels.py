@@ -1,0 +1,165 @@
+"""CPU kernels for the decode step: which one computes each linear and each MoE layer, and the fallback.
+
+A decode step multiplies every weight it reads by a few token rows, so it is bound by how fast weights
+stream from memory. torch's GEMMs reach a third to a half of that rate at these shapes; the C++ kernels
+in `csrc/cpu_kernels.cpp` reach most of it (figures: docs/kernels.md). They are built on first use for
+the CPU they run on and used where they apply:
+
+    backend  dtype            weights                              rows per call
+    amx      bf16 (AMX CPUs)  prepacked once into VNNI tiles        any
+    dot      bf16 with AVX512-BF16, or fp32 with AVX-512 / AVX2     at most DOT_MAX_ROWS (else torch)
+    torch    anything else, GPUs, or when the build is unavailable  any
+
+Weights of a linear go through `prepare_linear` once after loading, stacked routed experts through
+`prepare_experts`; `linear` and `moe` then run whatever backend the prepared weight was made for, so a
+call site never chooses. Setting MOE_SERVE_CPU_KERNELS=torch keeps every op on plain torch (the
+reference path; the tests run both).
+
+The build needs a C++ compiler and ninja. Without them, or on a CPU with none of these ISAs, one line
+is logged and plain torch serves: slower, the same outputs within floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+ENV = "MOE_SERVE_CPU_KERNELS"  # "auto" (default) or "torch"
+
+# The dot backend is register-tiled for a handful of rows and becomes compute-bound past them; above
+# this many rows torch's GEMM is as fast (measured on AVX-512 and AMX machines, docs/kernels.md).
+DOT_MAX_ROWS = 8
+
+
+@functools.cache
+def available_backends() -> tuple[str, ...]:
+    """What the built kernels can run in this process: some of "amx", "dot:bfloat16", "dot:float32"."""
+    if os.environ.get(ENV, "auto") == "torch":
+        return ()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        log.info("moe-serve CPU kernels: none for %s; plain torch computes", platform.machine())
+        return ()
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        log.warning("moe-serve CPU kernels unavailable (no %s on PATH); plain torch computes, more slowly",
+                    " or ".join(missing))
+        return ()
+    try:
+        _build()
+        return tuple(torch.ops.moe_serve_cpu.backends())
+    except Exception as err:  # a failed build must not stop serving
+        log.warning("moe-serve CPU kernels failed to build (%s); plain torch computes, more slowly",
+                    str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
+        return ()
+
+
+def _build() -> None:
+    """Compile (or reuse from the torch extensions cache) and load the kernels for this CPU."""
+    from torch.utils.cpp_extension import load
+
+    # -march=native makes the binary specific to this CPU, so the cache key includes its flags.
+    flags = _cpu_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    load(name=f"moe_serve_cpu_{key}", sources=[str(SOURCE)], is_python_module=False,
+         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The kernel backend for weights of this dtype on this device, or None for plain torch."""
+    if device.type != "cpu":
+        return None
+    backends = available_backends()
+    if dtype == torch.bfloat16 and "amx" in backends:
+        return "amx"
+    name = {torch.bfloat16: "dot:bfloat16", torch.float32: "dot:float32"}.get(dtype)
+    return "dot" if name in backends else None
+
+
+def pack_amx(w: torch.Tensor) -> torch.Tensor:
+    """[..., N, K] bf16 -> VNNI tiles [..., N/16, K/32, 16, 32]: row kp of tile (nb, kb) holds, for n in 0..15,
+    the pair w[16 nb + n, 32 kb + 2 kp + {0, 1}] (TDPBF16PS's B operand). Leading dims (a stack of experts) stay."""
+    *lead, N, K = w.shape
+    tiles = w.reshape(*lead, N // 16, 16, K // 32, 16, 2)  # [.., nb, n, kb, kp, pair]
+    d = len(lead)
+    return tiles.permute(*range(d), d, d + 2, d + 3, d + 1, d + 4).reshape(*lead, N // 16, K // 32, 16, 32).contiguous()
+
+
+def _amx_fits(w: torch.Tensor) -> bool:
+    return w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A linear's weight made ready once for its backend: `weight` is [N, K], or packed tiles for amx."""
+
+    weight: torch.Tensor
+    backend: str  # "amx" or "dot"
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def prepare_linear(w: torch.Tensor | LinearWeight) -> torch.Tensor | LinearWeight:
+    """w [N, K] as the fastest backend here wants it (the tensor itself where plain torch computes)."""
+    if isinstance(w, LinearWeight):
+        return w
+    backend = backend_for(w.dtype, w.device)
+    if backend is None or (backend == "amx" and not _amx_fits(w)):
+        return w
+    return LinearWeight(pack_amx(w) if backend == "amx" else w.contiguous(), backend, w.shape[0])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w^T (+ bias): [..., N], with the kernel `w` was prepared for."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if x.dtype != w.weight.dtype or (w.backend == "dot" and rows.shape[0] > DOT_MAX_ROWS):
+        if w.backend == "amx":  # packed: no torch op reads it; compute in its dtype
+            return linear(x.to(w.weight.dtype), w, bias).to(x.dtype)
+        return F.linear(x, w.weight, bias)
+    y = torch.ops.moe_serve_cpu.linear(rows, w.weight, w.backend).view(*x.shape[:-1], w.out_features)
+    return y if bias is None else y + bias
+
+
+def prepare_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Stacked experts gate_up [n, 2I, H], down [n, H, I] in the layout of the backend here, and that backend.
+    amx packs each expert's matrices into tiles ([n, 2I/16, H/32, 16, 32], [n, H/16, I/32, 16, 32]); row
+    operations along dim 0 (select, stack, cat) keep working on the packed form."""
+    backend = backend_for(gate_up.dtype, gate_up.device)
+    if backend == "amx":
+        if not (_amx_fits(gate_up) and _amx_fits(down)):
+            return gate_up, down, None
+        return pack_amx(gate_up), pack_amx(down), backend
+    return gate_up, down, backend
+
+
+def moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, backend: str, row: torch.Tensor,
+        token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fused routed-expert FFN (csrc `moe`): out [T, H] = sum over pairs p of weight[p] times hosted row
+    row[p]'s swiglu of hidden[token[p]]. Weights as `prepare_experts` left them."""
+    return torch.ops.moe_serve_cpu.moe(hidden, gate_up, down, row, token, weight.float(), backend)
