@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the console script: restart with the allocator and OpenMP runtime preloaded
+        from cluster.process_env import reexec_with_preload
+
+        reexec_with_preload(sys.argv)
     return args.func(args)
 
 

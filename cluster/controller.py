@@ -31,6 +31,7 @@ from cluster.autoscaler import AutoscalingPolicy, ScalingState, desired_workers
 from cluster.planner import (PlannerInput, balancedness, expert_groups, initial_plan, plan_change, worker_load,
                              worker_name)
 from cluster.planner import plan as make_plan
+from cluster.process_env import actor_runtime_env
 from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
 from expert_workers.spec import load_spec
 from expert_workers.worker import ExpertWorker
@@ -77,7 +78,7 @@ class Controller:
             # max_concurrency: reference-transport `run` calls keep flowing while `load_replicas` reads weights.
             handles[w.worker_id] = cls.options(
                 name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
-                max_concurrency=4,
+                max_concurrency=4, runtime_env=actor_runtime_env(),
             ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads, s.data_plane_host)
         infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
                                        s.start_timeout_seconds)
@@ -110,7 +111,8 @@ class Controller:
             if self.router_node_id:
                 placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.router_node_id, soft=False)
             self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE, **placement,
-                                                   num_cpus=s.router_num_cpus, max_restarts=-1).remote(
+                                                   num_cpus=s.router_num_cpus, max_restarts=-1,
+                                                   runtime_env=actor_runtime_env()).remote(
                 r, self.model_dir, self.router_engine_settings(), self.plan, s.host, port, NAMESPACE,
                 CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport))
         self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),

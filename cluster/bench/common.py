@@ -50,6 +50,10 @@ def write_json(path: str | Path, record: dict) -> Path:
     return path
 
 
+def median(xs: list[float]) -> float:
+    return percentile(xs, 50)
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0-100) of xs, linear between closest ranks (numpy's default)."""
     s = sorted(xs)

@@ -68,9 +68,9 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench.common import (machine, peak_rss_bytes, percentile, print_table, resolve_model, timed,
+from cluster.bench.common import (machine, median, peak_rss_bytes, percentile, print_table, resolve_model, timed,
                                   write_json)
-from cluster.bench.engine import _engine_runner, _reference_runner, decode_rate, median
+from cluster.bench.engine import _engine_runner, _reference_runner, decode_rate
 
 SYSTEMS = ("engine", "cluster-ray", "cluster-socket", "transformers")  # --micro-batches 2 adds cluster-socket-mb2
 # Step-time categories, in stacking order; StepProfile section names map onto them in _categories.

@@ -502,7 +502,10 @@ def test_preset_loads_in_transformers_and_generates(tmp_path, name):
     assert [len(c.token_ids) for c in done] == [4, 4] and all(c.finish_reason == "length" for c in done)
     fused = make_model(name, tmp_path / "fused", layout="fused")  # transformers 5's in-memory expert names
     _, ours_fused = our_logits(engine(fused), prompt, "prefixes")
-    assert Checkpoint(fused).expert_layout(1) == "fused" and torch.equal(ours_fused, ours)
+    assert Checkpoint(fused).expert_layout(1) == "fused"
+    # Both layouts load into equal values, but not into equally aligned memory, and a BLAS may pick another
+    # kernel (another summation order) for other alignment on some CPUs: equal up to fp32 rounding.
+    torch.testing.assert_close(ours_fused, ours, rtol=1e-5, atol=1e-5)
     if name == "deepseek-v3-tiny":
         # The preset's e_score_correction_bias is non-zero and changes which experts some tokens get.
         lw = eng.model.layers[1]

@@ -564,7 +564,8 @@ def test_deepseek_checkpoint_layouts_give_identical_logits(get_ref, tmp_path, la
         assert len(set(ck.weight_map.values())) == shards
     _, base = our_logits(engine(ref.ckpt), LONG_PROMPT, "prefixes")  # per-expert, one file
     _, ours = our_logits(engine(ckpt), LONG_PROMPT, "prefixes")
-    assert torch.equal(ours, base), (ours - base).abs().max()
+    # Equal values in differently aligned memory: a BLAS may sum in another order on some CPUs (fp32 rounding).
+    torch.testing.assert_close(ours, base, rtol=1e-5, atol=1e-5)
     assert (ours - ref.logits(LONG_PROMPT)).abs().max().item() <= LOGIT_ATOL
 
 

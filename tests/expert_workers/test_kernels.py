@@ -1,0 +1,184 @@
+"""The CPU kernels (expert_workers/kernels.py, csrc/cpu_kernels.cpp) against plain torch, and their fallback.
+
+Each backend this machine can build is checked against an fp32 torch reference of the same inputs: a
+kernel accumulates in fp32 in its own order, so results differ from torch's in rounding only. fp32 is
+compared at 1e-5 relative (a few ulps over K-term sums); bf16 at the rounding of a bf16 output (2^-8
+relative, doubled for the intermediate bf16 activation in the MoE).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expert_workers import kernels
+
+BACKENDS = {"amx": torch.bfloat16, "dot:bfloat16": torch.bfloat16, "dot:float32": torch.float32}
+HERE = kernels.available_backends()
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -7)}
+
+
+def test_a_backend_is_built_on_x86_with_a_compiler():
+    """On the machines this project is developed and tested on, the kernels must actually run (else every
+    test below would pass vacuously through skips)."""
+    import platform
+    import shutil
+
+    if platform.machine() != "x86_64" or shutil.which("c++") is None or os.environ.get(kernels.ENV) == "torch":
+        pytest.skip("no x86-64 compiler here: plain torch is the documented path")
+    assert "dot:float32" in HERE, HERE  # every x86-64 CPU this runs on has at least AVX2 + FMA
+
+
+def test_pack_amx_layout_by_hand():
+    # W [16, 32]: w[n, k] = 100 n + k. Tile (0, 0) row kp holds (w[n, 2kp], w[n, 2kp + 1]) for n = 0..15.
+    w = (100 * torch.arange(16)[:, None] + torch.arange(32)[None, :]).float()
+    tiles = kernels.pack_amx(w)
+    assert tiles.shape == (1, 1, 16, 32)
+    assert tiles[0, 0, 0, :4].tolist() == [0, 1, 100, 101]  # n=0: k=0,1; n=1: k=0,1
+    assert tiles[0, 0, 3, 30:].tolist() == [1506, 1507]  # kp=3, n=15: k=6,7
+    stacked = kernels.pack_amx(torch.stack([w, w + 1]))  # a stack of experts keeps its leading dim
+    assert stacked.shape == (2, 1, 1, 16, 32) and torch.equal(stacked[1], tiles + 1)
+
+
+def _weights(backend: str, w: torch.Tensor) -> torch.Tensor:
+    return kernels.pack_amx(w) if backend == "amx" else w
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (3, 48, 96), (8, 32, 64), (17, 80, 32), (40, 96, 128), (5, 20, 40)],
+                         ids=lambda v: str(v))
+def test_linear_matches_torch(backend, M, N, K):
+    if backend not in HERE:
+        pytest.skip(f"{backend} is not built for this CPU")
+    if backend == "amx" and (N % 16 or K % 32):
+        pytest.skip("amx takes multiples of 16 x 32 only (prepare_linear keeps other shapes on torch)")
+    dtype = BACKENDS[backend]
+    gen = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=gen).to(dtype), torch.randn(N, K, generator=gen).to(dtype)
+    got = torch.ops.moe_serve_cpu.linear(x, _weights(backend, w), backend.split(":")[0])
+    assert got.dtype == dtype and got.shape == (M, N)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), **TOL[dtype])
+
+
+def _experts(n: int, H: int, I: int, dtype: torch.dtype, seed: int = 0):  # noqa: E741
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 2 * I, H, generator=gen) * 0.1).to(dtype), (torch.randn(n, H, I, generator=gen) * 0.1).to(dtype)
+
+
+def _moe_reference(hidden, gate_up, down, row, token, weight):
+    """One pair at a time in fp32, with the activation rounded to the compute dtype as the kernel does."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
+    for r, t, w in zip(row.tolist(), token.tolist(), weight.tolist()):
+        gate, up = F.linear(hidden[t].float(), gate_up[r].float()).chunk(2)
+        act = (F.silu(gate) * up).to(hidden.dtype).float()
+        out[t] += w * F.linear(act, down[r].float())
+    return out
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("T,K", [(1, 2), (7, 3), (40, 2)])
+def test_moe_matches_pairwise_reference(backend, T, K):
+    if backend not in HERE:
+        pytest.skip(f"{backend} is not built for this CPU")
+    dtype, n, H, I = BACKENDS[backend], 6, 64, 32  # noqa: E741
+    gate_up, down = _experts(n, H, I, dtype)
+    gen = torch.Generator().manual_seed(T)
+    hidden = torch.randn(T, H, generator=gen).to(dtype)
+    row = torch.stack([torch.randperm(n, generator=gen)[:K] for _ in range(T)]).flatten()  # [P]
+    token = torch.arange(T).repeat_interleave(K)
+    weight = torch.rand(T * K, generator=gen)
+    name = backend.split(":")[0]
+    got = kernels.moe(hidden, _weights(name, gate_up), _weights(name, down), name, row, token, weight)
+    torch.testing.assert_close(got.float(), _moe_reference(hidden, gate_up, down, row, token, weight), **TOL[dtype])
+    empty = kernels.moe(hidden, _weights(name, gate_up), _weights(name, down), name, row[:0], token[:0], weight[:0])
+    assert torch.equal(empty, torch.zeros_like(hidden))  # tokens with no pair get zeros
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_moe_bits_do_not_depend_on_where_experts_are_hosted(backend):
+    """A replica set loaded in another order (a live rebalance) must give identical bits: the kernel sums
+    each token's pairs in pair order, whatever their rows."""
+    if backend not in HERE:
+        pytest.skip(f"{backend} is not built for this CPU")
+    dtype, n, H, I = BACKENDS[backend], 5, 64, 32  # noqa: E741
+    gate_up, down = _experts(n, H, I, dtype, seed=4)
+    perm = torch.tensor([3, 0, 4, 1, 2])  # new row of each expert
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(9, H, generator=gen).to(dtype)
+    row = torch.randint(0, n, (27,), generator=gen)
+    token, weight = torch.arange(9).repeat_interleave(3), torch.rand(27, generator=gen)
+    name = backend.split(":")[0]
+    inv = torch.argsort(perm)  # row -> expert
+    a = kernels.moe(hidden, _weights(name, gate_up), _weights(name, down), name, row, token, weight)
+    b = kernels.moe(hidden, _weights(name, gate_up[inv]), _weights(name, down[inv]), name, perm[row], token, weight)
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    if "dot:float32" not in HERE:
+        pytest.skip("no kernels built here")
+    gate_up, down = _experts(2, 16, 8, torch.float32)
+    hidden = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="names hosted row 5 of 2"):
+        kernels.moe(hidden, gate_up, down, "dot", torch.tensor([5]), torch.tensor([0]), torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="names token 7 of 2"):
+        kernels.moe(hidden, gate_up, down, "dot", torch.tensor([1]), torch.tensor([7]), torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="unknown backend 'avx9'"):
+        torch.ops.moe_serve_cpu.linear(hidden, hidden, "avx9")
+
+
+def test_prepared_weights_run_on_the_kernel_and_keep_torch_semantics():
+    """prepare_linear/linear: the same result as F.linear, any leading dims, bias added; big batches on dot
+    and dtypes without a kernel go to torch."""
+    gen = torch.Generator().manual_seed(2)
+    w, bias = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen)
+    prepared = kernels.prepare_linear(w)
+    for shape in [(1, 64), (3, 2, 64), (50, 64)]:
+        x = torch.randn(*shape, generator=gen)
+        torch.testing.assert_close(kernels.linear(x, prepared, bias), F.linear(x, w, bias), **TOL[torch.float32])
+    half = torch.randn(4, 64, generator=gen).half()
+    assert kernels.prepare_linear(w.half()) is not None
+    torch.testing.assert_close(kernels.linear(half, kernels.prepare_linear(w.half())), F.linear(half, w.half()))
+
+
+def test_no_compiler_logs_once_and_falls_back(monkeypatch, caplog):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with caplog.at_level(logging.WARNING, logger="expert_workers.kernels"):
+        assert kernels.available_backends.__wrapped__() == ()
+    assert [r.getMessage() for r in caplog.records] == [
+        "moe-serve CPU kernels unavailable (no c++ or ninja on PATH); plain torch computes, more slowly"]
+
+
+def test_plain_torch_path_gives_the_kernels_tokens(tiny_model):
+    """MOE_SERVE_CPU_KERNELS=torch (what runs where no kernel builds): the same greedy tokens, and logits
+    within fp32 rounding, as the default path in this process."""
+    from router_service.engine import EngineSettings, load_engine
+    from router_service.sampling import SamplingParams
+
+    script = textwrap.dedent(f"""
+        import json, torch
+        from expert_workers import kernels
+        from router_service.engine import EngineSettings, load_engine
+        from router_service.sampling import SamplingParams
+        assert kernels.available_backends() == ()
+        eng = load_engine({tiny_model!r}, EngineSettings(max_model_len=64, max_num_seqs=4, dtype="float32"))
+        done = eng.generate([[1, 5, 9, 200], [1, 7]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))
+        print(json.dumps([[c.token_ids, c.logprobs] for c in done]))
+    """)
+    env = {**os.environ, kernels.ENV: "torch"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, check=True)
+    theirs = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    eng = load_engine(tiny_model, EngineSettings(max_model_len=64, max_num_seqs=4, dtype="float32"))
+    ours = eng.generate([[1, 5, 9, 200], [1, 7]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))
+    for (tokens, logprobs), c in zip(theirs, ours):
+        assert tokens == c.token_ids
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
