@@ -171,11 +171,12 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0, 1: C (16 x 16 fp32); 2: A (16 rows x 32 bf16); 3, 4: B (16 k-pairs x 16 columns x 2 bf16).
+// Tiles 0, 1, 5, 6: C (16 x 16 fp32) for two row blocks x two column blocks; 2, 7: A (16 rows x 32 bf16) of
+// the two row blocks; 3, 4: B (16 k-pairs x 16 columns x 2 bf16). Each loaded tile feeds two TDPBF16PS.
 // Set on every thread that runs tiles, at the start of each work chunk (oneDNN may have set its own).
 inline void amx_configure() {
   TileConfig cfg;
-  for (int t = 0; t < 5; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
@@ -193,39 +194,61 @@ bool amx_permitted() {
 void amx_columns(const uint16_t* a, int64_t M, const uint16_t* w, int64_t K, int64_t nb0, int64_t nb1, float* out,
                  int64_t ld) {
   const int64_t KB = K / 32;
-  alignas(64) float c[2][16][16];
+  alignas(64) float c[4][16][16];
   for (int64_t nb = nb0; nb < nb1; nb += 2) {
     const bool two = nb + 1 < nb1;
     const uint16_t* b0 = w + nb * KB * 512;
     const uint16_t* b1 = b0 + KB * 512;
-    for (int64_t m0 = 0; m0 < M; m0 += 16) {
-      const uint16_t* am = a + m0 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const bool second = m0 + 16 < M;  // a second row block shares each weight tile
+      const uint16_t* a0 = a + m0 * K;  // row block m0 / 16: KB contiguous 16 x 32 tiles
+      const uint16_t* a1 = a0 + 16 * K;
       _tile_zero(0);
       _tile_zero(1);
+      _tile_zero(5);
+      _tile_zero(6);
       for (int64_t kb = 0; kb < KB; ++kb) {
-        // A tile load waits for its cache lines; asking L2 for the B tiles PF iterations ahead keeps more
-        // lines in flight than L1's fill buffers allow (the weight stream is what bounds a decode step).
+        // A tile load waits for its cache lines one by one, from L2 as from DRAM (about 100 ns a tile), so the
+        // B tiles are fetched ahead twice: into L2 PF iterations ahead (more lines in flight than L1's fill
+        // buffers allow) and into L1 one iteration ahead.
         if (m0 == 0) {
-          const char* next0 = reinterpret_cast<const char*>(b0 + (kb + PF) * 512);
-          const char* next1 = reinterpret_cast<const char*>(b1 + (kb + PF) * 512);
+          const char* far0 = reinterpret_cast<const char*>(b0 + (kb + PF) * 512);
+          const char* far1 = reinterpret_cast<const char*>(b1 + (kb + PF) * 512);
+          const char* near0 = reinterpret_cast<const char*>(b0 + (kb + 1) * 512);
+          const char* near1 = reinterpret_cast<const char*>(b1 + (kb + 1) * 512);
           for (int line = 0; line < 1024; line += 64) {
-            _mm_prefetch(next0 + line, _MM_HINT_T1);
-            if (two) _mm_prefetch(next1 + line, _MM_HINT_T1);
+            _mm_prefetch(far0 + line, _MM_HINT_T1);
+            _mm_prefetch(near0 + line, _MM_HINT_T0);
+            if (two) {
+              _mm_prefetch(far1 + line, _MM_HINT_T1);
+              _mm_prefetch(near1 + line, _MM_HINT_T0);
+            }
           }
         }
-        _tile_loadd(2, am + kb * 32, K * 2);
+        _tile_loadd(2, a0 + kb * 512, 64);
         _tile_loadd(3, b0 + kb * 512, 64);
         _tile_dpbf16ps(0, 2, 3);
         if (two) {
           _tile_loadd(4, b1 + kb * 512, 64);
           _tile_dpbf16ps(1, 2, 4);
         }
+        if (second) {
+          _tile_loadd(7, a1 + kb * 512, 64);
+          _tile_dpbf16ps(5, 7, 3);
+          if (two) _tile_dpbf16ps(6, 7, 4);
+        }
       }
       _tile_stored(0, c[0], 64);
       if (two) _tile_stored(1, c[1], 64);
-      const int64_t rows = std::min<int64_t>(16, M - m0);
-      for (int t = 0; t < (two ? 2 : 1); ++t)
-        for (int64_t m = 0; m < rows; ++m) std::memcpy(out + (m0 + m) * ld + (nb + t) * 16, c[t][m], 64);
+      if (second) {
+        _tile_stored(5, c[2], 64);
+        if (two) _tile_stored(6, c[3], 64);
+      }
+      for (int blk = 0; blk < (second ? 2 : 1); ++blk) {
+        const int64_t r0 = m0 + 16 * blk, rows = std::min<int64_t>(16, M - r0);
+        for (int t = 0; t < (two ? 2 : 1); ++t)
+          for (int64_t m = 0; m < rows; ++m) std::memcpy(out + (r0 + m) * ld + (nb + t) * 16, c[2 * blk + t][m], 64);
+      }
     }
   }
 }
@@ -258,8 +281,12 @@ struct Rows {
   std::vector<const T*> ptrs;
   Rows(Backend b, const T* const* src, int64_t M, int64_t K) {
     if (b == Backend::amx) {
+      // Tiled as the A operand wants it: [ceil(M / 16)][K / 32][16 rows][32], each tile 1 KB contiguous, so a
+      // tile load reads 16 consecutive lines (rows K apart would be 16 separate streams).
       block.assign(padded(M) * K, T(0));
-      for (int64_t m = 0; m < M; ++m) std::memcpy(block.data() + m * K, src[m], K * sizeof(T));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t kb = 0; kb < K / 32; ++kb)
+          std::memcpy(block.data() + ((m / 16) * (K / 32) + kb) * 512 + (m % 16) * 32, src[m] + kb * 32, 64);
       ptrs.assign(1, block.data());
     } else {
       ptrs.assign(src, src + M);
