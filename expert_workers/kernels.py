@@ -163,3 +163,15 @@ def moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, backend
     """The fused routed-expert FFN (csrc `moe`): out [T, H] = sum over pairs p of weight[p] times hosted row
     row[p]'s swiglu of hidden[token[p]]. Weights as `prepare_experts` left them."""
     return torch.ops.moe_serve_cpu.moe(hidden, gate_up, down, row, token, weight.float(), backend)
+
+
+def attention_runs_here(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `decode_attention` serves this dtype and device (plain C++, on any CPU the build ran on)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and bool(available_backends())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query row per sequence against its cached keys and values (csrc `decode_attention`): q [B, Q, D];
+    one layer of the cache k [S, N, M, D], v [S, N, M, Dv]; slots, lens [B]. Returns [B, Q, Dv]."""
+    return torch.ops.moe_serve_cpu.decode_attention(q, k, v, slots, lens, scale)

@@ -69,6 +69,8 @@ class ForwardBatch:
     last_index: torch.Tensor  # [S] row of each sequence's last token
     decode_rows: torch.Tensor | None = None  # [B] rows of single-token sequences
     decode_slots: list[int] = field(default_factory=list)
+    decode_slot_ids: torch.Tensor | None = None  # [B] the same, as a tensor
+    decode_lens: torch.Tensor | None = None  # [B] positions each decode sequence attends
     decode_len: int = 0  # longest decode context this step
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, decode_len] True where attended
     prefill: list[tuple[int, SeqChunk]] = field(default_factory=list)  # (first row, chunk)
@@ -98,6 +100,7 @@ class ForwardBatch:
             batch.decode_slots = decode_slots
             batch.decode_len = max(decode_lens)
             lens = as_long(decode_lens)
+            batch.decode_slot_ids, batch.decode_lens = as_long(decode_slots), lens
             batch.decode_mask = (torch.arange(batch.decode_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
         return batch
 
@@ -488,7 +491,7 @@ class CausalLM:
         q = q * cos + rotate_half(q) * sin  # [T, Q, D]
         k = k * cos + rotate_half(k) * sin  # [T, N, D]
         kv.write(layer, batch.slots, batch.positions, k, v.view(T, N, D))
-        out = self._attend(q, layer, batch, kv, lambda keys, values: (keys, values), dict(enable_gqa=Q != N), D)
+        out = self._attend(q, layer, batch, kv, None, dict(enable_gqa=Q != N), D)
         return linear(out.view(T, Q * D), lw.o, lw.o_bias)  # [T, H]
 
     def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, kv: KVCache, expand, sdpa: dict,
@@ -496,10 +499,17 @@ class CausalLM:
         """Attention of every query row over its sequence's cached positions: [T, Q, value_dim].
 
         `expand(cached keys, cached values)` turns what the cache holds for B sequences into
-        keys [B, N, L, D] and values [B, N, L, value_dim].
+        keys [B, N, L, D] and values [B, N, L, value_dim]; None where the cache holds them as they are
+        (MHA/GQA), which lets decode rows attend straight from the cache with the CPU kernel.
         """
         out = q.new_empty(q.shape[0], q.shape[1], value_dim)  # [T, Q, value_dim]
-        if batch.decode_rows is not None:
+        direct = expand is None
+        expand = expand or (lambda keys, values: (keys, values))
+        if batch.decode_rows is not None and direct and kernels.attention_runs_here(q.dtype, q.device):
+            scale = sdpa.get("scale") or q.shape[-1] ** -0.5
+            out[batch.decode_rows] = kernels.decode_attention(q[batch.decode_rows], kv.k[layer], kv.v[layer],
+                                                              batch.decode_slot_ids, batch.decode_lens, scale)
+        elif batch.decode_rows is not None:
             keys, values = expand(*kv.read(layer, batch.decode_slots, batch.decode_len))  # [B, N, len, D]
             qd = q[batch.decode_rows].unsqueeze(2)  # [B, Q, 1, D]
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, **sdpa)

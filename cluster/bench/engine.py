@@ -169,6 +169,11 @@ def _seconds(run, n: int) -> float:
 # --- the roofline ------------------------------------------------------------------------------
 
 
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def stream_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Streaming-read bandwidth in bytes/s: the best of `repeats` sums over a buffer larger than the caches,
     on this process's torch threads (the same cores the engine decodes on)."""
@@ -247,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EngineSettings(max_num_seqs=max(batches), max_model_len=max_len,
                               max_batched_tokens=max(2048, args.prefill_len))
     engine = load_engine(model_dir, settings)
+    engine_rss = current_rss_bytes()  # before transformers and the bandwidth probe share this process
     dtype = engine.model.dtype
     reference = None
     if not args.no_reference:
@@ -288,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"batch {b}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in rate.items()) +
                   f"; {step_bytes / 1e6:.0f} MB per step, {100 * attained:.0f}% of the bandwidth limit", flush=True)
         prefill = measure_prefill(engine, reference, peer, args) if args.prefill_len else None
-        memory = {"engine_peak_rss_bytes": peak_rss_bytes()}
+        memory = {"engine_rss_bytes": engine_rss, "process_peak_rss_bytes": peak_rss_bytes()}
         if peer is not None:
             memory["vllm_peak_rss_bytes"] = peer.request(peak_rss=True)["bytes"]
     finally:
@@ -306,8 +312,10 @@ def run(args: argparse.Namespace) -> int:
     table = print_table(headers, rows)
     if prefill:
         print("prefill tokens/s, " + ", ".join(f"{n} {v:.0f}" for n, v in prefill.items()))
-    print("peak resident memory, " + ", ".join(f"{k.removesuffix('_peak_rss_bytes')} {v / 2**30:.2f} GiB"
-                                               for k, v in memory.items()))
+    print(f"resident memory: engine {engine_rss / 2**30:.2f} GiB once loaded (this process's peak, with transformers "
+          f"and the bandwidth probe: {memory['process_peak_rss_bytes'] / 2**30:.2f} GiB)" +
+          (f"; vLLM's largest process at its peak {memory['vllm_peak_rss_bytes'] / 2**30:.2f} GiB "
+           f"(with its {os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB KV cache)" if peer else ""))
     write_json(args.out, {"suite": "engine", "model": str(model_dir), "machine": machine(),
                           "dtype": str(dtype).removeprefix("torch."), "cpu_kernels": list(backends),
                           "vllm": peer.version if peer else None, "stream_bandwidth_bytes_per_s": bandwidth,

@@ -80,6 +80,11 @@ using vec = __m512;
 constexpr int64_t W = 16;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {  // 16 bf16 -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
+inline vec vset1(float x) { return _mm512_set1_ps(x); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #else
@@ -87,6 +92,11 @@ using vec = __m256;
 constexpr int64_t W = 8;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {  // 8 bf16 -> fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
+inline vec vset1(float x) { return _mm256_set1_ps(x); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -468,6 +478,107 @@ at::Tensor moe(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at:
   return out.to(hidden.scalar_type());
 }
 
+// Decode attention straight from the KV cache, one query row per sequence:
+//   out[b, h] = sum over l < lens[b] of softmax_l(scale * q[b, h] . k[slots[b], h / G, l]) v[slots[b], h / G, l]
+// q [B, Q, D]; k [S, N, M, D], v [S, N, M, Dv] (one layer of the cache); slots, lens [B] int64; G = Q / N.
+// fp32 scores, softmax and sums; out [B, Q, Dv] in q's dtype. A step's attention reads only the cache, and
+// torch's SDPA costs about 1 ms a layer per call at batch 64 in dispatch and layout work alone.
+template <typename T>
+inline float as_float(T v) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return v;
+  }
+}
+
+// x . y for fp32 x and T y; acc += a * y.
+template <typename T>
+inline float dot(const float* x, const T* y, int64_t n) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  vec acc = vzero();
+  for (; d + W <= n; d += W) acc = vfma(vload(x + d), vload(y + d), acc);
+  s = vsum(acc);
+#endif
+  for (; d < n; ++d) s += x[d] * as_float(y[d]);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float a, const T* y, float* acc, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  const vec av = vset1(a);
+  for (; d + W <= n; d += W) vstore(acc + d, vfma(av, vload(y + d), vload(acc + d)));
+#endif
+  for (; d < n; ++d) acc[d] += a * as_float(y[d]);
+}
+
+template <typename T>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* slots,
+                    const int64_t* lens, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Q = q.size(1), D = q.size(2), N = k.size(1), M = k.size(2), Dv = v.size(3);
+  const int64_t G = Q / N;
+  const T* qp = data<T>(q);
+  const T* kp = data<T>(k);
+  const T* vp = data<T>(v);
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, B * Q, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(M), acc(Dv), qf(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Q, h = i % Q, len = lens[b];
+      const T* keys = kp + (slots[b] * N + h / G) * M * D;
+      const T* values = vp + (slots[b] * N + h / G) * M * Dv;
+      for (int64_t d = 0; d < D; ++d) qf[d] = as_float(qp[i * D + d]);
+      float best = -INFINITY;
+      for (int64_t l = 0; l < len; ++l) {
+        score[l] = dot(qf.data(), keys + l * D, D) * scale;
+        best = std::max(best, score[l]);
+      }
+      float total = 0.f;
+      for (int64_t l = 0; l < len; ++l) total += (score[l] = std::exp(score[l] - best));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t l = 0; l < len; ++l) axpy(score[l], values + l * Dv, acc.data(), Dv);
+      for (int64_t d = 0; d < Dv; ++d) {
+        const float o = acc[d] / total;
+        if constexpr (std::is_same_v<T, uint16_t>) op[i * Dv + d] = c10::BFloat16(o).x;
+        else op[i * Dv + d] = o;
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots_in,
+                            const at::Tensor& lens_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && k.dim() == 4 && v.dim() == 4, "decode_attention: q [B, Q, D], k and v [S, N, M, D]");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: the cache layer must be contiguous");
+  TORCH_CHECK(q_in.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: q, k, v must share a dtype, fp32 or bf16");
+  const int64_t B = q_in.size(0), Q = q_in.size(1), N = k.size(1);
+  TORCH_CHECK(q_in.size(2) == k.size(3) && Q % N == 0 && v.size(0) == k.size(0) && v.size(1) == N && v.size(2) == k.size(2),
+              "decode_attention: shapes do not match");
+  at::Tensor q = q_in.contiguous();
+  at::Tensor slots = slots_in.to(at::kLong).contiguous(), lens = lens_in.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == B && lens.numel() == B, "decode_attention: one slot and one length per sequence");
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = slots.data_ptr<int64_t>()[b], len = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK(slot >= 0 && slot < k.size(0) && len >= 1 && len <= k.size(2), "decode_attention: sequence ", b,
+                " has slot ", slot, " and length ", len, " outside the cache");
+  }
+  at::Tensor out = at::empty({B, Q, v.size(3)}, q.options());
+  if (q.scalar_type() == at::kBFloat16)
+    attention_impl<uint16_t>(q, k, v, slots.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), float(scale), out);
+  else
+    attention_impl<float>(q, k, v, slots.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), float(scale), out);
+  return out;
+}
+
 // What this build can run here: "amx" (bf16), "dot:bfloat16", "dot:float32".
 std::vector<std::string> backends() {
   std::vector<std::string> out;
@@ -483,5 +594,7 @@ TORCH_LIBRARY(moe_serve_cpu, m) {
   m.def("linear(Tensor x, Tensor w, str backend) -> Tensor", &linear);
   m.def("moe(Tensor hidden, Tensor gate_up, Tensor down, Tensor row, Tensor token, Tensor weight, str backend) -> Tensor",
         &moe);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lens, float scale) -> Tensor",
+        &decode_attention);
   m.def("backends() -> str[]", &backends);
 }

@@ -182,3 +182,25 @@ def test_plain_torch_path_gives_the_kernels_tokens(tiny_model):
     for (tokens, logprobs), c in zip(theirs, ours):
         assert tokens == c.token_ids
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Q,N", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+def test_decode_attention_matches_sdpa(dtype, Q, N):
+    """Each sequence's one query against the first lens[b] positions of its own slot (slots out of order,
+    lengths from 1 to the whole cache), as SDPA computes it on the gathered keys and values."""
+    if not kernels.attention_runs_here(dtype, torch.device("cpu")):
+        pytest.skip("no kernels built here")
+    S, M, D = 5, 12, 16
+    gen = torch.Generator().manual_seed(Q)
+    k, v = torch.randn(S, N, M, D, generator=gen).to(dtype), torch.randn(S, N, M, D, generator=gen).to(dtype)
+    slots, lens = torch.tensor([3, 0, 4]), torch.tensor([1, 12, 7])
+    q = torch.randn(3, Q, D, generator=gen).to(dtype)
+    got = kernels.decode_attention(q, k, v, slots, lens, D ** -0.5)
+    for b in range(3):
+        keys, values = k[slots[b], :, : lens[b]].float(), v[slots[b], :, : lens[b]].float()  # [N, L, D]
+        want = F.scaled_dot_product_attention(q[b, :, None].float(), keys.repeat_interleave(Q // N, 0),
+                                              values.repeat_interleave(Q // N, 0))[:, 0]  # [Q, D]
+        torch.testing.assert_close(got[b].float(), want, **TOL[dtype])
+    with pytest.raises(RuntimeError, match="sequence 0 has slot 9"):
+        kernels.decode_attention(q, k, v, torch.tensor([9, 0, 1]), lens, 1.0)
