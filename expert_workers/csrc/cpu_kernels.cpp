@@ -1,19 +1,19 @@
-// Decode-step CPU kernels: linears and the fused routed-expert FFN, at memory bandwidth.
+// Decode-step CPU kernels: linears, the fused routed-expert FFN and decode attention, at memory bandwidth.
 //
 // A decode step reads every weight it touches once and multiplies it by a handful of token rows. torch's
-// general GEMMs reach a third to a half of the memory bandwidth at such shapes (measured in
-// docs/kernels.md), so the step is written here as two backends chosen per CPU when this file is built:
-//   amx   bf16 on AMX: weights prepacked once into VNNI tiles (see `linear_amx`), any number of rows;
+// general GEMMs reach a third to a half of the memory bandwidth at such shapes (docs/kernels.md), so the
+// matmuls are written here as two backends chosen per CPU when this file is built:
+//   amx   bf16 on AMX: weights prepacked once into VNNI tiles (kernels.pack_amx), any number of rows;
 //   dot   register-tiled dot products of token rows with unpacked weight rows, fp32 accumulation:
 //         bf16 x bf16 with AVX512-BF16 (vdpbf16ps), fp32 x fp32 with AVX-512 or AVX2+FMA. Compute-bound
 //         past a few rows, so the Python side uses it for small batches only.
 // Threads split output columns through torch's intra-op pool (at::parallel_for): no second runtime.
 //
-// Built on first use for the CPU it runs on (-march=native; expert_workers/cpu_kernels.py decides when
-// each op is used and falls back to plain torch where none applies).
+// Built on first use for the CPU it runs on (-march=native); expert_workers/kernels.py decides when each
+// op is used and falls back to plain torch where none applies.
 //
 // Shape legend: M token rows, N output features, K input features; P (token, expert) pairs,
-// n hosted expert rows, H hidden, I expert width.
+// n hosted expert rows, H hidden, I expert width; B sequences, Q query heads, N kv heads, D head dim.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,11 +24,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <string>
-#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -38,14 +38,21 @@ constexpr int NR = 4;        // weight rows per register tile (NR * MT accumulat
 constexpr int64_t PF = 16;   // AMX: weight tiles prefetched ahead, per stream
 constexpr int64_t NB = 32;   // output features per parallel work item (two AMX column blocks)
 
+// A bf16 (its bits, as uint16_t) or fp32 element as fp32.
+template <typename T>
+inline float as_float(T v) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return v;
+  }
+}
+
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16 = true;
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 // out[m * ld + r] = x_m . w_r for r < nr weight rows (w: row stride K), m < mt token rows.
 template <int nr, int mt>
 inline void dot_tile_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, float* out, int64_t ld) {
@@ -65,7 +72,7 @@ inline void dot_tile_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K
   _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r)
     _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) {
       float s = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) s += bf16_to_f32(x[m][j]) * bf16_to_f32(w[r * K + j]);
+      for (int64_t j = k; j < K; ++j) s += as_float(x[m][j]) * as_float(w[r * K + j]);
       out[m * ld + r] = s;
     }
 }
@@ -483,17 +490,6 @@ at::Tensor moe(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at:
 // q [B, Q, D]; k [S, N, M, D], v [S, N, M, Dv] (one layer of the cache); slots, lens [B] int64; G = Q / N.
 // fp32 scores, softmax and sums; out [B, Q, Dv] in q's dtype. A step's attention reads only the cache, and
 // torch's SDPA costs about 1 ms a layer per call at batch 64 in dispatch and layout work alone.
-template <typename T>
-inline float as_float(T v) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    uint32_t u = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  } else {
-    return v;
-  }
-}
 
 // x . y for fp32 x and T y; acc += a * y.
 template <typename T>
