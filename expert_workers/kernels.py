@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 ENV = "MOE_SERVE_CPU_KERNELS"  # "auto" (default) or "torch"
+# The ISA to build for: this CPU's by default; an older one (e.g. "haswell", AVX2 only) runs that code path
+# on this CPU, which is how the tests check the AVX2 kernels on an AVX-512 machine.
+MARCH_ENV = "MOE_SERVE_CPU_MARCH"
 
 # The dot backend is register-tiled for a handful of rows and becomes compute-bound past them; above
 # this many rows torch's GEMM is as fast (measured on AVX-512 and AMX machines, docs/kernels.md).
@@ -70,10 +73,11 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     # -march=native makes the binary specific to this CPU, so the cache key includes its flags.
-    flags = _cpu_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    march = os.environ.get(MARCH_ENV, "native")
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+                         + march.encode()).hexdigest()[:12]
     load(name=f"moe_serve_cpu_{key}", sources=[str(SOURCE)], is_python_module=False,
-         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+         extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _cpu_flags() -> str:

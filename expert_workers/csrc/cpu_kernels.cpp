@@ -78,6 +78,9 @@ inline void dot_tile_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K
 }
 #else
 constexpr bool kHasBf16 = false;
+// Never called (kHasBf16 guards every call); declared so that the dispatch below compiles on every ISA.
+template <int nr, int mt>
+inline void dot_tile_bf16(const uint16_t* const*, const uint16_t*, int64_t, float*, int64_t) {}
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -136,6 +139,8 @@ inline void dot_tile_f32(const float* const* x, const float* w, int64_t K, float
 }
 #else
 constexpr bool kHasF32 = false;
+template <int nr, int mt>  // never called (kHasF32 guards every call)
+inline void dot_tile_f32(const float* const*, const float*, int64_t, float*, int64_t) {}
 #endif
 
 // One register tile: nr weight rows against mt (runtime, <= MT) token rows.

@@ -204,3 +204,38 @@ def test_decode_attention_matches_sdpa(dtype, Q, N):
         torch.testing.assert_close(got[b].float(), want, **TOL[dtype])
     with pytest.raises(RuntimeError, match="sequence 0 has slot 9"):
         kernels.decode_attention(q, k, v, torch.tensor([9, 0, 1]), lens, 1.0)
+
+
+def test_avx2_build_matches_torch():
+    """The kernels as an AVX2-only CPU (AMD without AVX-512, say) builds them: -march=haswell, run here in a
+    subprocess. Only dot:float32 exists there; linear, moe and decode attention must still match torch."""
+    import platform
+    import shutil
+
+    if platform.machine() != "x86_64" or shutil.which("c++") is None or "dot:float32" not in HERE:
+        pytest.skip("no x86-64 build here")
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from expert_workers import kernels
+        assert kernels.available_backends() == ("dot:float32",), kernels.available_backends()
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(5, 40, generator=g), torch.randn(20, 40, generator=g)
+        torch.testing.assert_close(torch.ops.moe_serve_cpu.linear(x, w, "dot"), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        gate_up, down = torch.randn(3, 16, 24, generator=g), torch.randn(3, 24, 8, generator=g)
+        h = torch.randn(4, 24, generator=g)
+        row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
+        want = torch.zeros(4, 24)
+        for r, t, c in zip(row.tolist(), token.tolist(), wt.tolist()):
+            a, b = F.linear(h[t], gate_up[r]).chunk(2)
+            want[t] += c * F.linear(F.silu(a) * b, down[r])
+        torch.testing.assert_close(kernels.moe(h, gate_up, down, "dot", row, token, wt), want, rtol=1e-5, atol=1e-5)
+        q, k, v = torch.randn(2, 4, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g)
+        got = kernels.decode_attention(q, k, v, torch.tensor([2, 0]), torch.tensor([5, 8]), 0.25)
+        ref = F.scaled_dot_product_attention(q[0, :, None], k[2, :, :5].repeat_interleave(2, 0),
+                                             v[2, :, :5].repeat_interleave(2, 0), scale=0.25)[:, 0]
+        torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
+        print("ok")
+    """)
+    env = {**os.environ, kernels.MARCH_ENV: "haswell"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
