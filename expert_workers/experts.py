@@ -151,10 +151,11 @@ class ExpertGroup:
         if bool((rows < 0).any()):
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
-        if le.backend == "amx" or (le.backend == "dot" and rows.numel() <= kernels.DOT_MAX_ROWS * rows.unique().numel()):
-            return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)  # fused, one call
-        order = torch.argsort(rows, stable=True)  # pairs grouped by expert
         counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
+        # The fused kernel: always on amx; on dot while no expert gets more rows than its register tiles suit.
+        if le.backend == "amx" or (le.backend == "dot" and int(counts.max()) <= kernels.DOT_MAX_ROWS):
+            return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
+        order = torch.argsort(rows, stable=True)  # pairs grouped by expert
         token, weight, rows = token[order], weight[order], rows[order]
         if _batched_pays(counts, hidden.dtype):
             y = _batched_swiglu(hidden, token, rows, counts, le)  # [P, H]

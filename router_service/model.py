@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from expert_workers import kernels
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import swiglu
-from expert_workers.kernels import LinearWeight, linear
+from expert_workers.kernels import linear
 from expert_workers.spec import LongRopeScaling, MoESpec, ModelSpec
 from router_service.dispatch import ExpertDispatcher, PendingExperts
 from router_service.kv_cache import KVCache
