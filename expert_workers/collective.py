@@ -13,7 +13,7 @@ not (it aborts operations pending longer than its timeout), and because gloo see
 dead peer at once as a closed TCP connection.
 
 Request  (rank 0 -> 1): control int64 [REQ_LEN] (op, layer, T, P, H, dtype code)
-                        | data: hidden [T, H] | pairs int32 [2, P] (token row, expert) | weight float32 [P]
+                        | data: hidden [T, H] | pairs int32 [2, P] (token row, expert) | weight [P] (hidden's dtype)
 Response (rank 1 -> 0): control int64 [RSP_LEN] (status, T, H, dtype code) | data: out [T, H]
                         status != 0: T is the length of a UTF-8 message sent instead as control uint8 [T];
                         STATUS_ERROR: the request failed, the link keeps serving (the router's `WorkerError`);
@@ -240,11 +240,11 @@ class LinkServer:
                 return False
             hidden = torch.empty(T, H, dtype=CODE_DTYPES[code], device=link.device)  # [T, H]
             pairs = torch.empty(2, P, dtype=torch.int32, device=link.device)  # [2, P]: token row, expert
-            weight = torch.empty(P, dtype=torch.float32, device=link.device)  # [P]
+            weight = torch.empty(P, dtype=hidden.dtype, device=link.device)  # [P], in the compute dtype
             link.recv_and_wait([hidden, pairs, weight], "request tensors")
             self.requests += 1
             try:
-                out = self.handler(layer, hidden, pairs[0].long(), pairs[1].long(), weight.to(hidden.dtype))
+                out = self.handler(layer, hidden, pairs[0], pairs[1], weight)
                 out = out.to(link.device).contiguous()  # [T, H]
                 status = torch.tensor([STATUS_OK, T, H, DTYPE_CODES[out.dtype]], dtype=torch.int64)
             except Exception as err:  # reported to the router; the link keeps serving

@@ -141,20 +141,24 @@ class ExpertGroup:
         logical expert expert[p] and adds weight[p] times the result to out[token[p]].
         Returns out [T, H]; tokens with no pair get zeros.
         """
-        out = torch.zeros_like(hidden)  # [T, H]
         if token.numel() == 0:
-            return out
+            return torch.zeros_like(hidden)  # [T, H]
         le = self.layers.get(layer)  # read once: a concurrent load swaps in a new object
-        if le is not None and hidden.dtype != le.gate_up.dtype:  # compute in the weights' dtype
+        if le is None:
+            raise KeyError(f"layer {layer}: experts {sorted(set(expert.tolist()))} are not hosted here")
+        if hidden.dtype != le.gate_up.dtype:  # compute in the weights' dtype
             return self.run(layer, hidden.to(le.gate_up.dtype), token, expert, weight).to(hidden.dtype)
-        rows = le.slot[expert] if le is not None else torch.full_like(expert, -1)  # [P] row in the stacked weights
-        if bool((rows < 0).any()):
+        rows = le.slot[expert]  # [P] row in the stacked weights
+        if int(rows.min()) < 0:
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
-        counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
-        # The fused kernel: always on amx; on dot while no expert gets more rows than its register tiles suit.
-        if le.backend == "amx" or (le.backend == "dot" and int(counts.max()) <= kernels.DOT_MAX_ROWS):
+        if le.backend == "amx":  # the fused kernel
             return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
+        counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
+        # dot: fused while no expert gets more rows than its register tiles suit
+        if le.backend == "dot" and int(counts.max()) <= kernels.DOT_MAX_ROWS:
+            return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
+        out = torch.zeros_like(hidden)  # [T, H]
         order = torch.argsort(rows, stable=True)  # pairs grouped by expert
         token, weight, rows = token[order], weight[order], rows[order]
         if _batched_pays(counts, hidden.dtype):

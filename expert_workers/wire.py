@@ -5,12 +5,17 @@ stream socket (a Unix socket between processes on one node, TCP across nodes):
 a fixed header plus raw tensor bytes, no pickling. One connection per router;
 requests on a connection are answered in order.
 
-Request:  header REQ (layer, T, P, H, dtype code) | hidden [T, H] | token [P] i32 | expert [P] i32 | weight [P] f32
+Request:  header REQ (layer, T, P, H, dtype code) | token [P] i32 | expert [P] i32 | hidden [T, H] | weight [P]
 Response: header RSP (status, T, H, dtype code)   | out [T, H]    (status != 0: a UTF-8 error message instead)
+
+hidden, weight and out are in the compute dtype the code names. The 4-byte fields come first so that
+every tensor of a request starts at a multiple of its element size and is read in place: each end
+receives a message's body into one buffer per connection, reused (`ReceiveBuffer`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -33,6 +38,10 @@ class WireError(ConnectionError):
     """The peer closed the connection or sent something that is not our protocol."""
 
 
+class ProtocolError(WireError):
+    """The peer sent something that is not our protocol (bad magic, unknown dtype code)."""
+
+
 class WorkerError(RuntimeError):
     """The expert worker answered a request with an error (an expert it does not host, say).
 
@@ -41,28 +50,58 @@ class WorkerError(RuntimeError):
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
-    if t.numel() == 0:
+    """A zero-copy byte view of a CPU tensor (any dtype, bf16 included; copied first if not contiguous).
+
+    Built from the data pointer: numpy has no bf16, and going through a uint8 view costs three torch calls
+    per tensor, which is most of a small message's Python time."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.nbytes == 0:
         return memoryview(b"")
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    raw = (ctypes.c_char * t.nbytes).from_address(t.data_ptr())
+    raw.tensor = t  # the view keeps raw alive, raw keeps the memory's owner alive (t may be a temporary)
+    return memoryview(raw).cast("B")
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+def recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill view from the stream."""
+    got, n = 0, len(view)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise WireError("connection closed by peer")
         got += k
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    recv_into(sock, memoryview(buf))
     return buf
 
 
-def recv_tensor(sock: socket.socket, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if n == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(recv_exact(sock, n), dtype=torch.uint8).view(dtype).reshape(shape)
+class ReceiveBuffer:
+    """One connection's receive memory, grown as needed and reused: the tensors of a message received into
+    it are views, valid until the next receive on the same connection (the thread reading the connection
+    owns it)."""
+
+    def __init__(self):
+        self._bytes = bytearray()
+        self._view = memoryview(self._bytes)
+
+    def recv(self, sock: socket.socket, layout: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """The stream's next tensors, of these dtypes and shapes, back to back: views into this buffer."""
+        sizes = [torch.Size(shape).numel() * dtype.itemsize for dtype, shape in layout]
+        n = sum(sizes)
+        if n > len(self._bytes):  # the old buffer lives on while tensors still view it
+            self._bytes = bytearray(max(n, 2 * len(self._bytes)))
+            self._view = memoryview(self._bytes)
+        recv_into(sock, self._view[:n])
+        out, offset = [], 0
+        for (dtype, shape), size in zip(layout, sizes):
+            out.append(torch.frombuffer(self._view, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+                       .view(shape) if size else torch.empty(shape, dtype=dtype))
+            offset += size
+        return out
 
 
 def send_all(sock: socket.socket, parts: list) -> None:
@@ -81,20 +120,44 @@ def send_all(sock: socket.socket, parts: list) -> None:
 
 def send_request(sock, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
                  weight: torch.Tensor) -> None:
+    """hidden [T, H] in the compute dtype; token (index into hidden's rows), expert, weight [P]."""
     T, H = hidden.shape
     P = token.numel()
     header = REQ.pack(MAGIC_REQ, layer, T, P, H, DTYPE_CODES[hidden.dtype])
-    send_all(sock, [header, as_bytes(hidden), as_bytes(token.to(torch.int32)), as_bytes(expert.to(torch.int32)),
-                    as_bytes(weight.to(torch.float32))])
+    send_all(sock, [header, as_bytes(token.to(torch.int32)), as_bytes(expert.to(torch.int32)), as_bytes(hidden),
+                    as_bytes(weight.to(hidden.dtype))])
 
 
-def recv_response(sock) -> torch.Tensor:
+def recv_request(sock, buffer: ReceiveBuffer) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer, hidden [T, H], token [P] i32, expert [P] i32, weight [P]): views into buffer."""
+    magic, layer, T, P, H, code = REQ.unpack(recv_exact(sock, REQ.size))
+    if magic != MAGIC_REQ or code not in CODE_DTYPES:
+        raise ProtocolError(f"bad request header: magic {magic!r}, dtype code {code}")
+    dtype = CODE_DTYPES[code]
+    token, expert, hidden, weight = buffer.recv(sock, [(torch.int32, (P,)), (torch.int32, (P,)), (dtype, (T, H)),
+                                                       (dtype, (P,))])
+    return layer, hidden, token, expert, weight
+
+
+def recv_response(sock, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The reply's out [T, H], received straight into `out` when given (a contiguous CPU tensor of the
+    request's shape and dtype), else into a new tensor."""
+    if out is not None and (not out.is_contiguous() or out.device.type != "cpu"):
+        raise ValueError("recv_response: out must be a contiguous CPU tensor")
     magic, status, T, H, code = RSP.unpack(recv_exact(sock, RSP.size))
     if magic != MAGIC_RSP:
-        raise WireError(f"bad response magic {magic!r}")
+        raise ProtocolError(f"bad response magic {magic!r}")
     if status != 0:
         raise WorkerError(f"expert worker error: {recv_exact(sock, T).decode(errors='replace')}")
-    return recv_tensor(sock, CODE_DTYPES[code], (T, H))
+    if code not in CODE_DTYPES:
+        raise ProtocolError(f"bad response dtype code {code}")
+    if out is None:
+        out = torch.empty(T, H, dtype=CODE_DTYPES[code])
+    elif out.shape != (T, H) or out.dtype != CODE_DTYPES[code]:
+        # The stream still holds the reply's bytes: the connection cannot be used after this.
+        raise ProtocolError(f"reply of [{T}, {H}] {CODE_DTYPES[code]} for a request of {list(out.shape)} {out.dtype}")
+    recv_into(sock, as_bytes(out))
+    return out
 
 
 Handler = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,22 +189,20 @@ class ExpertServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="wire-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
+        buffer = ReceiveBuffer()  # this thread's: the handler is done with a request's views before the next
         with conn:
             while True:
                 try:
-                    magic, layer, T, P, H, code = REQ.unpack(recv_exact(conn, REQ.size))
-                except WireError:
+                    layer, hidden, token, expert, weight = recv_request(conn, buffer)
+                except ProtocolError as err:
+                    log.warning("dropping connection: %s", err)
                     return
-                if magic != MAGIC_REQ:
-                    log.warning("dropping connection: bad request magic %r", magic)
+                except (WireError, OSError):  # the router closed the connection, or it broke
                     return
-                hidden = recv_tensor(conn, CODE_DTYPES[code], (T, H))
-                token = recv_tensor(conn, torch.int32, (P,)).long()
-                expert = recv_tensor(conn, torch.int32, (P,)).long()
-                weight = recv_tensor(conn, torch.float32, (P,)).to(hidden.dtype)
                 try:
                     out = self.handler(layer, hidden, token, expert, weight)
-                    send_all(conn, [RSP.pack(MAGIC_RSP, 0, T, H, DTYPE_CODES[out.dtype]), as_bytes(out)])
+                    send_all(conn, [RSP.pack(MAGIC_RSP, 0, out.shape[0], out.shape[1], DTYPE_CODES[out.dtype]),
+                                    as_bytes(out)])
                 except Exception as err:  # report to the router; keep serving
                     message = f"{type(err).__name__}: {err}".encode()
                     send_all(conn, [RSP.pack(MAGIC_RSP, 1, len(message), 0, 0), message])

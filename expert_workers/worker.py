@@ -2,8 +2,8 @@
 
 It reads its own weights from the checkpoint (weights never pass through the
 router), keeps them on its GPU when Ray gave it one and on the CPU otherwise,
-runs each layer's tokens for all its experts as one call, and counts tokens
-per logical expert.
+and runs each layer's tokens for all its experts as one call. Routing load is
+counted by the routers, which see every pair (router_service.telemetry).
 
 Shape legend: T_w tokens sent to this worker, P_w pairs, H hidden.
 """
@@ -37,8 +37,6 @@ class ExpertWorker:
         self.checkpoint = Checkpoint(model_dir)
         self.group = ExpertGroup.load(self.checkpoint, hosted, self.dtype, self.device)
         self.load_seconds = time.perf_counter() - started
-        E = self.checkpoint.spec.moe.num_experts
-        self.tokens = {layer: torch.zeros(E, dtype=torch.long) for layer in self.checkpoint.spec.moe_layers}
         self._count_lock = threading.Lock()  # run() is called from Ray's thread and socket threads
         self.compute_seconds = 0.0  # expert compute time, for the benchmarks' step breakdown
         self.calls = 0
@@ -119,12 +117,12 @@ class ExpertWorker:
         """As `run`, with the output [T_w, H] on this worker's device (the collective transport's NCCL links)."""
         d = self.device
         started = time.perf_counter()
-        out = self.group.run(layer, hidden.to(d), token.to(d), expert.to(d), weight.to(d))
         if d.type == "cuda":
-            torch.cuda.synchronize(d)
-        counts = torch.bincount(expert.cpu(), minlength=self.tokens[layer].numel())
+            hidden, token, expert, weight = (t.to(d) for t in (hidden, token, expert, weight))
+        out = self.group.run(layer, hidden, token, expert, weight)
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)  # the compute seconds are the GPU's
         with self._count_lock:
-            self.tokens[layer] += counts
             self.compute_seconds += time.perf_counter() - started
             self.calls += 1
         return out
@@ -139,9 +137,6 @@ class ExpertWorker:
         """Drop replicas once no router sends them tokens (the controller's protocol guarantees it)."""
         self.group.remove(hosted)
         return {"hosted": self.group.hosted()}
-
-    def token_counts(self) -> dict[int, list[int]]:
-        return {layer: t.tolist() for layer, t in self.tokens.items()}
 
     def stats(self) -> dict:
         """Cumulative counters: calls served and seconds of expert compute, plus peak memory."""

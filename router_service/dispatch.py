@@ -19,7 +19,12 @@ from expert_workers.experts import ExpertGroup
 
 
 class PendingExperts(ABC):
-    """Routed outputs on their way back; `wait` returns [T, H]."""
+    """Routed outputs on their way back; `wait` returns [T, H].
+
+    `experts` [T*K]: the logical expert of every pair dispatched, as the dispatcher holds them (on the
+    host for a cluster, which copied them there to plan), so that load telemetry needs no copy of its own."""
+
+    experts: torch.Tensor
 
     @abstractmethod
     def wait(self) -> torch.Tensor: ...
@@ -46,8 +51,8 @@ def to_pairs(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.
 
 
 class _Deferred(PendingExperts):
-    def __init__(self, fn):
-        self._fn = fn
+    def __init__(self, fn, experts: torch.Tensor):
+        self._fn, self.experts = fn, experts
 
     def wait(self) -> torch.Tensor:
         return self._fn()
@@ -61,4 +66,5 @@ class LocalDispatcher(ExpertDispatcher):
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights) -> PendingExperts:
         # Deferred so that the caller's shared-expert compute comes first, as in the cluster.
-        return _Deferred(lambda: self.experts.run(layer, hidden, *to_pairs(topk_ids, topk_weights)))
+        token, expert, weight = to_pairs(topk_ids, topk_weights)  # [P]
+        return _Deferred(lambda: self.experts.run(layer, hidden, token, expert, weight), expert)

@@ -622,10 +622,11 @@ class CausalLM:
                 # Overflow tokens (weight 0; a kept token's is its top probability, >= 1/E) are not sent.
                 kept = (weights[:, 0] > 0).nonzero().squeeze(1)  # [T'] rows within capacity; capacity >= 1
                 ids, weights = ids[kept], weights[kept]
-            if self.load is not None:
-                self.load.add(layer, ids.flatten())
         with prof("routed"):
             pending = self.dispatcher.dispatch(layer, h if kept is None else h[kept], ids, weights)
+        if self.load is not None:
+            with prof("gate"):
+                self.load.add(layer, pending.experts)
         # Shared experts run while routed tokens are away.
         out = None
         with prof("shared_experts"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 
 def by_layer(replicas) -> dict[int, list[int]]:
@@ -62,37 +62,41 @@ class PlacementPlan:
 
 @dataclass
 class ReplicaTable:
-    """Per-layer lookup tensors for dispatch: logical expert -> its replicas' workers.
+    """Per-layer lookup arrays for dispatch: logical expert -> its replicas' workers.
 
-    workers [E, R] worker id of the r-th replica (padded by repeating), count [E] replicas.
+    Workers are named by their index in `worker_ids` (the plan's order), so a dispatch can count pairs
+    per worker with one bincount. replicas[layer] [E, R]: index of the r-th replica's worker (padded by
+    repeating; -1 for an expert with no live replica); count[layer] [E] live replicas. numpy, as the
+    dispatch plan that reads them (router_service.cluster_dispatch) is.
     """
 
-    workers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E, R]
-    count: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
+    worker_ids: list[int] = field(default_factory=list)  # index -> worker id
+    replicas: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E, R] int64
+    count: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] int64
+    single: dict[int, bool] = field(default_factory=dict)  # layer -> every expert has exactly one live replica
 
     @classmethod
     def from_plan(cls, plan: PlacementPlan, exclude: set[int] = frozenset()) -> "ReplicaTable":
         """Tables of the plan's replicas, leaving out workers in `exclude` (known dead)."""
-        table = cls()
+        table = cls([w.worker_id for w in plan.workers if w.worker_id not in exclude])
+        index = {w: i for i, w in enumerate(table.worker_ids)}
         for layer in plan.moe_layers:
-            lists = [[w for w in plan.replicas_of(layer, e) if w not in exclude] for e in range(plan.num_experts)]
+            lists = [[index[w] for w in plan.replicas_of(layer, e) if w in index] for e in range(plan.num_experts)]
             R = max(1, max(len(ws) for ws in lists))
-            table.workers[layer] = torch.tensor([(ws * R)[:R] if ws else [-1] * R for ws in lists], dtype=torch.long)
-            table.count[layer] = torch.tensor([len(ws) for ws in lists], dtype=torch.long)
+            table.replicas[layer] = np.array([(ws * R)[:R] if ws else [-1] * R for ws in lists], dtype=np.int64)
+            table.count[layer] = np.array([len(ws) for ws in lists], dtype=np.int64)
+            table.single[layer] = all(len(ws) == 1 for ws in lists)
         return table
 
-    def assign(self, layer: int, expert: torch.Tensor) -> torch.Tensor:
-        """Worker per (token, expert) pair [P]: an expert's pairs spread round-robin over its replicas.
-
-        -1 for an expert with no live replica."""
-        counts = self.count[layer][expert]  # [P]
-        if bool((counts == 1).all()):
-            return self.workers[layer][expert, 0]
-        counts = counts.clamp(min=1)  # experts with none map to their row of -1
+    def assign(self, layer: int, expert: np.ndarray) -> np.ndarray:
+        """Worker index (into `worker_ids`) per (token, expert) pair [P]: an expert's pairs spread
+        round-robin over its replicas, in pair order. -1 for an expert with no live replica."""
+        if self.single[layer]:
+            return self.replicas[layer][expert, 0]
+        counts = np.maximum(self.count[layer][expert], 1)  # [P]; experts with none map to their row of -1
         # rank of each pair among the pairs of the same expert, then rank mod replicas
-        order = torch.argsort(expert, stable=True)
+        order = np.argsort(expert, kind="stable")
         sorted_e = expert[order]
-        starts = torch.searchsorted(sorted_e, sorted_e, right=False)  # first index of each expert's run
-        rank = torch.empty_like(expert)
-        rank[order] = torch.arange(expert.numel()) - starts
-        return self.workers[layer][expert, rank % counts]
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(expert)) - np.searchsorted(sorted_e, sorted_e, side="left")
+        return self.replicas[layer][expert, rank % counts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 
 import torch
 
@@ -105,13 +106,24 @@ class Router:
         return plan.version
 
     def stats(self) -> dict:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak; ru_maxrss is KiB on Linux
         if self.server is None:
-            return {"router_id": self.router_id, "started": False}
+            return {"router_id": self.router_id, "started": False, "max_rss_bytes": rss}
         e = self.engine.engine
         return {"router_id": self.router_id, "started": True, "port": self.port, "running": e.num_running,
                 "waiting": e.num_waiting, "kv_slots_used": e.kv.used_slots, "kv_slots": e.kv.num_slots,
                 "steps": e.steps, "plan_version": self.dispatcher.plan.version,
-                "recoveries": list(self.dispatcher.recoveries)}
+                "recoveries": list(self.dispatcher.recoveries), "max_rss_bytes": rss}
+
+    def profile(self, enable: bool | None = None) -> dict:
+        """The engine's step profile so far: {"seconds": {section: s}, "steps": n}; then, when `enable` is
+        given, reset it, enabled or not. Profiling times every section of every step (`moe-serve bench
+        serving` turns it on around its rounds); off, it costs one flag test per section."""
+        prof = self.engine.engine.model.profile
+        out = {"seconds": dict(prof.seconds), "steps": prof.steps}
+        if enable is not None:
+            prof.reset(enable)
+        return out
 
     async def stop(self, grace_seconds: float = 5.0) -> dict | None:
         """Drain (server.drain): refuse new requests, health NOT_SERVING, in-flight ones get `grace_seconds`

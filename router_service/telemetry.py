@@ -38,8 +38,9 @@ class LoadWindow:
         return b
 
     def add(self, layer: int, expert: torch.Tensor) -> None:
-        """Count the routed pairs of one layer's step; expert [P] logical ids."""
-        counts = torch.bincount(expert.cpu(), minlength=self.num_experts)
+        """Count the routed pairs of one layer's step; expert [P] logical ids, on any device (counted there:
+        only the [E] counts come to the host)."""
+        counts = torch.bincount(expert, minlength=self.num_experts).cpu()
         with self._lock:
             self.counts[self._bucket(), self.layer_index[layer]] += counts
             self.total[self.layer_index[layer]] += counts

@@ -49,13 +49,21 @@ class Transport(ABC):
 
     @abstractmethod
     def submit(self, worker_id: int, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
-               weight: torch.Tensor) -> Any:
-        """Start one call; returns a handle for `collect`. hidden [T_w, H]; token, expert, weight [P_w]."""
+               weight: torch.Tensor, out: torch.Tensor | None = None) -> Any:
+        """Start one call; returns a handle for `collect`. hidden [T_w, H]; token (index into hidden's rows),
+        expert, weight [P_w]; out [T_w, H]: where the output is to be written (memory from `reply_buffer`),
+        or None for new memory."""
 
     @abstractmethod
     def collect(self, handles: list[Any]) -> list[torch.Tensor | BaseException]:
-        """Wait for the calls; outputs [T_w, H] in the same order, or the exception of a failed call (a handle
-        that is already an exception, from a failed submit, is passed through). Never raises."""
+        """Wait for the calls; outputs [T_w, H] in the same order (each call's `out` where it gave one), or the
+        exception of a failed call (a handle that is already an exception, from a failed submit, is passed
+        through). Never raises."""
+
+    def reply_buffer(self, rows: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Memory for `rows` output rows of hidden's width and dtype where this transport delivers replies:
+        host memory, pinned when the engine is on a GPU (the copy there is then fast)."""
+        return torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, pin_memory=hidden.is_cuda)
 
     def close(self) -> None:
         """Release connections."""
@@ -105,19 +113,21 @@ class RayCallTransport(Transport):
         with self._lock:
             self._workers = {w: h for w, h in self._workers.items() if w in worker_ids}
 
-    def submit(self, worker_id, layer, hidden, token, expert, weight):
+    def submit(self, worker_id, layer, hidden, token, expert, weight, out=None):
         # Host memory: the worker may have no GPU to unpickle a CUDA tensor onto; it moves them to its device.
-        return self._workers[worker_id].run.remote(layer, hidden.cpu(), token.cpu(), expert.cpu(), weight.cpu())
+        return self._workers[worker_id].run.remote(layer, hidden.cpu(), token.cpu(), expert.cpu(), weight.cpu()), out
 
     def collect(self, handles):
         return self._collect_each(handles, self._get)
 
     @staticmethod
-    def _get(ref) -> torch.Tensor | BaseException:
+    def _get(handle) -> torch.Tensor | BaseException:
         import ray
 
+        ref, out = handle
         try:
-            return ray.get(ref)
+            result = ray.get(ref)
+            return result if out is None else out.copy_(result)
         except ray.exceptions.RayTaskError as err:  # the worker's method raised: it is alive, the call failed
             cause = err.cause if err.cause is not None else err
             return WorkerError(f"expert worker error: {type(cause).__name__}: {cause}")
@@ -125,14 +135,34 @@ class RayCallTransport(Transport):
             return err
 
 
+@dataclass
+class _Connection:
+    """One worker's socket, and the pinned buffer reused on it when the engine is on a GPU (engine thread)."""
+
+    sock: socket.socket
+    staging: torch.Tensor | None = None  # pinned host memory that hidden rows on a GPU are copied through
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        """t in host memory: itself on the CPU, else a copy in this connection's pinned staging buffer."""
+        if t.device.type == "cpu":
+            return t
+        n = t.numel() * t.element_size()
+        if self.staging is None or self.staging.numel() < n:
+            self.staging = torch.empty(max(n, 2 * (0 if self.staging is None else self.staging.numel())),
+                                       dtype=torch.uint8, pin_memory=True)
+        staged = self.staging[:n].view(t.dtype).view(t.shape)
+        staged.copy_(t)  # synchronous: the bytes are on the host before the send reads them
+        return staged
+
+
 class SocketTransport(Transport):
-    """Tensors travel from host memory: a router on a GPU sends copies and gets outputs back on the CPU
-    (the dispatcher moves them to its device)."""
+    """Tensors travel from host memory: a router on a GPU sends its rows through a pinned staging buffer and
+    gets outputs back on the CPU (the dispatcher moves them to its device)."""
 
     def __init__(self, node_id: str | None = None, timeout: float = 60.0):
         self.node_id = node_id  # this router's Ray node: same-node workers get a Unix socket
         self.timeout = timeout  # a peer that vanished without closing (node loss) fails the call after this
-        self._socks: dict[int, socket.socket] = {}
+        self._socks: dict[int, _Connection] = {}
         self._lock = threading.Lock()
 
     def connect(self, workers):
@@ -143,7 +173,7 @@ class SocketTransport(Transport):
     def _add(self, worker_id: int, endpoint: dict) -> None:
         sock = self._open(endpoint)
         with self._lock:
-            self._socks[worker_id] = sock
+            self._socks[worker_id] = _Connection(sock)
 
     def _open(self, endpoint: dict) -> socket.socket:
         if endpoint["node_id"] == self.node_id and endpoint.get("unix"):
@@ -159,34 +189,35 @@ class SocketTransport(Transport):
         with self._lock:
             gone = [w for w in self._socks if w not in worker_ids]
             for w in gone:
-                self._socks.pop(w).close()
+                self._socks.pop(w).sock.close()
 
-    def submit(self, worker_id, layer, hidden, token, expert, weight):
-        sock = self._socks[worker_id]
+    def submit(self, worker_id, layer, hidden, token, expert, weight, out=None):
+        conn = self._socks[worker_id]
         try:
-            send_request(sock, layer, hidden.cpu(), token.cpu(), expert.cpu(), weight.cpu())
+            send_request(conn.sock, layer, conn.host(hidden), token.cpu(), expert.cpu(), weight.cpu())
         except OSError:
-            sock.close()
+            conn.sock.close()
             raise
-        return sock
+        return conn, out
 
     def collect(self, handles):
         return self._collect_each(handles, self._receive)
 
     @staticmethod
-    def _receive(sock: socket.socket) -> torch.Tensor | BaseException:
+    def _receive(handle: tuple[_Connection, torch.Tensor | None]) -> torch.Tensor | BaseException:
+        conn, out = handle
         try:
-            return recv_response(sock)
+            return recv_response(conn.sock, out)
         except WorkerError as err:  # the whole answer was read: the connection keeps serving
             return err
         except Exception as err:  # WireError, reset, timeout: the stream is unusable from here on
-            sock.close()
+            conn.sock.close()
             return err
 
     def close(self):
         with self._lock:
-            for sock in self._socks.values():
-                sock.close()
+            for conn in self._socks.values():
+                conn.sock.close()
             self._socks.clear()
 
 
@@ -202,6 +233,7 @@ class _Call:
     tensors: tuple  # what those sends read: referenced until they complete
     status: torch.Tensor  # int64 [RSP_LEN], filled by the posted receive below
     status_recv: collective.Op
+    out: torch.Tensor | None  # where the reply goes, or None for new memory
 
 
 class CollectiveTransport(Transport):
@@ -279,7 +311,11 @@ class CollectiveTransport(Transport):
         with self._lock:
             self._closing = [t for t in self._closing if t.is_alive()] + [thread]
 
-    def submit(self, worker_id, layer, hidden, token, expert, weight):
+    def reply_buffer(self, rows, hidden):
+        # Replies arrive on the engine's device: NCCL links write them there (gloo ones are copied).
+        return torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=self.device)
+
+    def submit(self, worker_id, layer, hidden, token, expert, weight, out=None):
         link = self._links[worker_id]
         T, H = hidden.shape
         d = link.device  # with gloo the tensors travel from host memory; with NCCL from the GPU
@@ -287,7 +323,7 @@ class CollectiveTransport(Transport):
                               dtype=torch.int64)
         hidden = hidden.to(d).contiguous()  # [T, H]
         pairs = torch.stack([token, expert]).to(device=d, dtype=torch.int32)  # [2, P]
-        weight = weight.to(device=d, dtype=torch.float32).contiguous()  # [P]
+        weight = weight.to(device=d, dtype=hidden.dtype).contiguous()  # [P], in the compute dtype
         try:
             header_send = link.send(link.ctrl, header, "request header")
             data_sends = [link.send(link.data, t, "request tensors") for t in (hidden, pairs, weight) if t.numel()]
@@ -297,7 +333,7 @@ class CollectiveTransport(Transport):
         except LinkError:  # e.g. gloo refuses to post on a link that already failed
             self._drop(link)
             raise
-        return _Call(link, T, H, header_send, data_sends, (header, hidden, pairs, weight), status, status_recv)
+        return _Call(link, T, H, header_send, data_sends, (header, hidden, pairs, weight), status, status_recv, out)
 
     def collect(self, handles):
         return self._collect_each(handles, self._finish)
@@ -329,7 +365,11 @@ class CollectiveTransport(Transport):
         if (n, H) != (call.T, call.H) or code not in CODE_DTYPES:
             raise LinkError(f"collective link to {link.name}: bad reply header {call.status.tolist()} "
                             f"for a [{call.T}, {call.H}] request")
-        out = torch.empty(n, H, dtype=CODE_DTYPES[code], device=link.device)  # [T, H]
+        out = call.out
+        if out is None or out.device != link.device or out.dtype != CODE_DTYPES[code]:
+            received = torch.empty(n, H, dtype=CODE_DTYPES[code], device=link.device)  # [T, H]
+            link.recv_and_wait([received], "reply")
+            return received if out is None else out.copy_(received)
         link.recv_and_wait([out], "reply")
         return out
 

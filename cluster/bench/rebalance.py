@@ -14,7 +14,7 @@ import argparse
 import threading
 import time
 
-from cluster.bench.common import machine, print_table, resolve_model, write_json
+from cluster.bench.common import machine, percentile, print_table, resolve_model, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-expert", type=int, default=3)
     p.add_argument("--bias", type=float, default=4.0, help="gate-logit bonus of the hot expert")
     p.add_argument("--out", default="bench-results/rebalance.json")
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def _stream_forever(port: int, stop: threading.Event, arrivals: list[float], errors: list[str], seed: int) -> None:
@@ -102,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     after = [gap for at, gap in arrivals if t1 < at]
     rows, result = [], {}
     for name, gaps in (("steady", steady), ("during rebalance", during), ("after", after)):
-        p50, p99 = percentile(gaps, 0.5), percentile(gaps, 0.99)
+        p50, p99 = (percentile(gaps, 50), percentile(gaps, 99)) if gaps else (float("nan"),) * 2
         rows.append([name, len(gaps), p50 * 1000, p99 * 1000])
         result[name] = {"samples": len(gaps), "p50_s": p50, "p99_s": p99}
     ratio = result["during rebalance"]["p99_s"] / result["steady"]["p99_s"]

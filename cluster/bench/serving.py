@@ -51,9 +51,7 @@ the router process adds around it.
 Decode "per step" figures subtract a 1-token run from an N-token run (profile seconds, worker
 compute, steps and wall time alike), so prefill drops out as it does from the tokens/s.
 
-The router's profile needs a hook on the Router actor (`Router.profile`, see REQUESTED_HOOKS); until
-one exists this suite reaches the router's StepProfile and peak RSS through Ray's developer API
-`ActorHandle.__ray_call__`.
+The router's profile comes from `Router.profile`, peak RSS from every actor's `stats()`.
 """
 
 from __future__ import annotations
@@ -77,22 +75,6 @@ SYSTEMS = ("engine", "cluster-ray", "cluster-socket", "transformers")  # --micro
 CATEGORIES = ("scheduling", "attention", "dense MLP", "gate", "shared experts", "routed compute",
               "routed dispatch", "LM head", "sampling", "detokenize", "other")
 RPC_TIMEOUT = 900.0
-
-REQUESTED_HOOKS = """\
-router_service/router.py, class Router (two small additions; this suite uses them when present):
-
-    def profile(self, enable: bool | None = None) -> dict:
-        \"\"\"The engine's StepProfile so far: {"seconds": {section: s}, "steps": n}; then, when `enable`
-        is given, reset it (enabled or not). For benchmarks: `moe-serve bench serving`.\"\"\"
-        prof = self.engine.engine.model.profile
-        out = {"seconds": dict(prof.seconds), "steps": prof.steps}
-        if enable is not None:
-            prof.reset(enable)
-        return out
-
-    and in Router.stats(): "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-"""
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: --preset, built once and cached)")
@@ -181,29 +163,6 @@ def _alternate(runners: dict, batch: int, tokens: int, rounds: int) -> dict[str,
 # --- step profiles ----------------------------------------------------------------------------------
 
 
-def _actor_calls():
-    """Functions that run inside actors through `__ray_call__`. Built as closures so that cloudpickle ships
-    them by value and they use nothing but the standard library: by reference the actor would import
-    this module, and with it `cluster.bench` and every other suite."""
-
-    def router_profile(router, enable):
-        prof = router.engine.engine.model.profile
-        out = {"seconds": dict(prof.seconds), "steps": prof.steps}
-        if enable is not None:
-            prof.reset(enable)
-        return out
-
-    def peak_rss(_actor):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    return router_profile, peak_rss
-
-
-_router_profile_call, _peak_rss_call = _actor_calls()
-
-
 class _EngineProbe:
     """Profile of the single-process engine in this process."""
 
@@ -220,18 +179,17 @@ class _EngineProbe:
 
 
 class _ClusterProbe:
-    """The router's profile (hook or __ray_call__) and the workers' cumulative compute."""
+    """The router's profile (`Router.profile`) and the workers' cumulative compute."""
+
+    hook = "Router.profile"
 
     def __init__(self, router, workers: dict):
         import ray
 
         self.ray, self.router, self.workers = ray, router, workers
-        self.hook = "Router.profile" if _has_method(router, "profile") else "__ray_call__"
 
     def _profile(self, enable):
-        if self.hook == "Router.profile":
-            return self.ray.get(self.router.profile.remote(enable), timeout=RPC_TIMEOUT)
-        return self.ray.get(self.router.__ray_call__.remote(_router_profile_call, enable), timeout=RPC_TIMEOUT)
+        return self.ray.get(self.router.profile.remote(enable), timeout=RPC_TIMEOUT)
 
     def reset(self, enable: bool) -> None:
         self._profile(enable)
@@ -241,14 +199,6 @@ class _ClusterProbe:
         stats = self.ray.get([w.stats.remote() for w in self.workers.values()], timeout=RPC_TIMEOUT)
         out["workers"] = [(s["compute_seconds"], s["calls"]) for s in stats]
         return out
-
-
-def _has_method(handle, name: str) -> bool:
-    try:
-        getattr(handle, name)
-        return True
-    except AttributeError:
-        return False
 
 
 def _profiled_round(run, probe, tokens: int) -> dict | None:
@@ -520,15 +470,11 @@ class _Cluster:
         return self
 
     def peak_rss(self) -> dict[str, int]:
-        """Peak RSS of the router and each worker: their stats() where it reports it, else __ray_call__."""
+        """Peak RSS of the router and each worker, from their stats()."""
         import ray
 
-        out = {}
-        for name, h in {"router-0": self.router, **self.workers}.items():
-            stats = ray.get(h.stats.remote(), timeout=RPC_TIMEOUT)
-            out[name] = stats["max_rss_bytes"] if "max_rss_bytes" in stats else \
-                ray.get(h.__ray_call__.remote(_peak_rss_call), timeout=RPC_TIMEOUT)
-        return out
+        return {name: ray.get(h.stats.remote(), timeout=RPC_TIMEOUT)["max_rss_bytes"]
+                for name, h in {"router-0": self.router, **self.workers}.items()}
 
     def _stop(self) -> None:
         from cluster.controller import stop_cluster
@@ -760,7 +706,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
                          "transports": {_label(s): d for s, d in dispatch.items()}},
             "memory": {"processes": memory},
             "breakdown": {"batch": bd_batch, "categories": list(CATEGORIES), "systems": breakdown},
-            "targets": targets, "requested_hooks": REQUESTED_HOOKS, "tables": tables}
+            "targets": targets, "tables": tables}
 
 
 def _targets(throughput, bd_batch, dispatch, breakdown) -> list[dict]:

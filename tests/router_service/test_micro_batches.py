@@ -216,7 +216,7 @@ class InProcessSocketTransport(SocketTransport):
 
     def connect(self, workers):
         for w in workers:
-            self._socks[w] = self._open({"node_id": "here", "unix": self.servers[w].unix_path})
+            self._add(w, {"node_id": "here", "unix": self.servers[w].unix_path})
 
 
 def test_two_pending_dispatches_with_replies_larger_than_the_socket_buffers(tiny_model):
