@@ -42,8 +42,12 @@ class ClusterSettings(BaseSettings):
     worker_num_gpus: float | None = Field(
         None, ge=0, description="GPUs each expert worker asks Ray for; default 1 when the cluster has GPUs, else 0.")
     router_num_cpus: float = Field(0.5, ge=0, description="CPUs each router asks Ray for.")
-    torch_threads: int = Field(1, ge=1, description="torch threads per expert worker process.")
-    router_torch_threads: int = Field(2, ge=1, description="torch threads in each router process.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per expert worker process; default: the CPUs it asks Ray for "
+        "(worker_num_cpus, rounded down, at least 1), so that processes sharing a node do not oversubscribe it.")
+    router_torch_threads: int | None = Field(
+        None, ge=1, description="torch threads in each router process; default: router_num_cpus, rounded down, "
+        "at least 1.")
     load_window_seconds: float = Field(60.0, gt=0, description="Sliding window of routing-load telemetry.")
     start_timeout_seconds: float = Field(300.0, gt=0, description="How long actors may take to start and load.")
     autoscaling: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy,

@@ -105,8 +105,9 @@ class ReceiveBuffer:
 
 
 def send_all(sock: socket.socket, parts: list) -> None:
-    """sendmsg with scatter-gather, looping over partial sends."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    """sendmsg with scatter-gather, looping over partial sends. parts: bytes-like (as_bytes's views are
+    byte-shaped already)."""
+    views = [p if isinstance(p, memoryview) else memoryview(p).cast("B") for p in parts if len(p)]
     while views:
         sent = sock.sendmsg(views)
         while sent and views:
@@ -124,8 +125,12 @@ def send_request(sock, layer: int, hidden: torch.Tensor, token: torch.Tensor, ex
     T, H = hidden.shape
     P = token.numel()
     header = REQ.pack(MAGIC_REQ, layer, T, P, H, DTYPE_CODES[hidden.dtype])
-    send_all(sock, [header, as_bytes(token.to(torch.int32)), as_bytes(expert.to(torch.int32)), as_bytes(hidden),
-                    as_bytes(weight.to(hidden.dtype))])
+    send_all(sock, [header, as_bytes(_as(token, torch.int32)), as_bytes(_as(expert, torch.int32)), as_bytes(hidden),
+                    as_bytes(_as(weight, hidden.dtype))])
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() is still a torch call
 
 
 def recv_request(sock, buffer: ReceiveBuffer) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

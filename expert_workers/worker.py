@@ -24,12 +24,33 @@ from expert_workers.experts import ExpertGroup
 from expert_workers.wire import ExpertServer
 
 
+def threads_for_cpus(cpus: float) -> int:
+    """torch threads for a process given `cpus` by Ray: rounded down, at least 1.
+
+    Ray's CPUs are a reservation, not a pinning: threads beyond them compete with the node's other actors,
+    and OpenMP threads waiting on a descheduled peer stretch every parallel region."""
+    return max(1, int(cpus))
+
+
+def torch_threads_for(requested: int | None) -> int:
+    """torch threads for this actor: `requested`, else `threads_for_cpus` of the CPUs Ray assigned it."""
+    if requested is not None:
+        return requested
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # outside Ray
+        cpus = 1.0
+    return threads_for_cpus(cpus)
+
+
 class ExpertWorker:
     """Actor body; `cluster` wraps it with `ray.remote(...)` and the resources it asks for."""
 
     def __init__(self, worker_id: int, model_dir: str, hosted: dict[int, list[int]], dtype: str,
-                 torch_threads: int = 1, data_plane_host: str = "127.0.0.1"):
-        torch.set_num_threads(torch_threads)
+                 torch_threads: int | None = None, data_plane_host: str = "127.0.0.1"):
+        torch.set_num_threads(torch_threads_for(torch_threads))
         self.worker_id = worker_id
         self.device = torch.device("cuda" if self._assigned_gpu() else "cpu")
         self.dtype = resolve_dtype(dtype)

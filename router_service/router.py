@@ -14,6 +14,7 @@ import resource
 
 import torch
 
+from expert_workers.worker import torch_threads_for
 from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
@@ -32,8 +33,8 @@ class Router:
 
     def __init__(self, router_id: int, model_dir: str, engine_settings: dict, plan: PlacementPlan, host: str,
                  port: int, namespace: str, controller_name: str, load_window_seconds: float = 60.0,
-                 torch_threads: int = 2, transport: str = "socket"):
-        torch.set_num_threads(torch_threads)
+                 torch_threads: int | None = None, transport: str = "socket"):
+        torch.set_num_threads(torch_threads_for(torch_threads))
         self.router_id = router_id
         self.model_dir = model_dir
         self.engine_settings = EngineSettings(**engine_settings)

@@ -50,9 +50,9 @@ class Transport(ABC):
     @abstractmethod
     def submit(self, worker_id: int, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
                weight: torch.Tensor, out: torch.Tensor | None = None) -> Any:
-        """Start one call; returns a handle for `collect`. hidden [T_w, H]; token (index into hidden's rows),
-        expert, weight [P_w]; out [T_w, H]: where the output is to be written (memory from `reply_buffer`),
-        or None for new memory."""
+        """Start one call; returns a handle for `collect`. hidden [T_w, H] on the engine's device; token (index
+        into hidden's rows), expert, weight [P_w] in host memory (the dispatch plan's); out [T_w, H]: where
+        the output is to be written (memory from `reply_buffer`), or None for new memory."""
 
     @abstractmethod
     def collect(self, handles: list[Any]) -> list[torch.Tensor | BaseException]:
@@ -194,7 +194,7 @@ class SocketTransport(Transport):
     def submit(self, worker_id, layer, hidden, token, expert, weight, out=None):
         conn = self._socks[worker_id]
         try:
-            send_request(conn.sock, layer, conn.host(hidden), token.cpu(), expert.cpu(), weight.cpu())
+            send_request(conn.sock, layer, conn.host(hidden), token, expert, weight)
         except OSError:
             conn.sock.close()
             raise

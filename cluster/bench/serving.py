@@ -615,8 +615,10 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
     tables = {}
     moe_layers = len(spec.moe_layers)
     from cluster.settings import ClusterSettings
+    from expert_workers.worker import threads_for_cpus
 
-    worker_threads = ClusterSettings.model_fields["torch_threads"].default
+    defaults = ClusterSettings()
+    worker_threads = defaults.torch_threads or threads_for_cpus(defaults.worker_num_cpus)
 
     throughput = []
     for b in batches:
