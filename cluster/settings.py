@@ -46,8 +46,8 @@ class ClusterSettings(BaseSettings):
         None, ge=1, description="torch threads per expert worker process; default: the CPUs it asks Ray for "
         "(worker_num_cpus, rounded down, at least 1), so that processes sharing a node do not oversubscribe it.")
     router_torch_threads: int | None = Field(
-        None, ge=1, description="torch threads in each router process; default: router_num_cpus, rounded down, "
-        "at least 1.")
+        None, ge=1, description="torch threads in each router process; default: every CPU of its node (a router "
+        "computes while its workers wait for its tokens, and waits while they compute).")
     load_window_seconds: float = Field(60.0, gt=0, description="Sliding window of routing-load telemetry.")
     start_timeout_seconds: float = Field(300.0, gt=0, description="How long actors may take to start and load.")
     autoscaling: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy,

@@ -32,8 +32,16 @@ def threads_for_cpus(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def torch_threads_for(requested: int | None) -> int:
-    """torch threads for this actor: `requested`, else `threads_for_cpus` of the CPUs Ray assigned it."""
+    """torch threads for an expert worker: `requested`, else `threads_for_cpus` of the CPUs Ray assigned it.
+
+    Workers on a node compute at the same time (each its share of a layer's tokens), so they split the
+    cores; a router takes turns with them instead and uses them all (`Router`)."""
     if requested is not None:
         return requested
     try:

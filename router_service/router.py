@@ -14,7 +14,7 @@ import resource
 
 import torch
 
-from expert_workers.worker import torch_threads_for
+from expert_workers.worker import host_cpus
 from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
@@ -34,7 +34,10 @@ class Router:
     def __init__(self, router_id: int, model_dir: str, engine_settings: dict, plan: PlacementPlan, host: str,
                  port: int, namespace: str, controller_name: str, load_window_seconds: float = 60.0,
                  torch_threads: int | None = None, transport: str = "socket"):
-        torch.set_num_threads(torch_threads_for(torch_threads))
+        # Default: every CPU of the node. A router and its workers take turns (it runs attention while they
+        # wait for its tokens, and waits while they compute), so it may use the cores they leave idle; measured
+        # with 2 workers on 2 cores, batch 32: 2 router threads 251-280 tok/s against 219-247 with one.
+        torch.set_num_threads(torch_threads or host_cpus())
         self.router_id = router_id
         self.model_dir = model_dir
         self.engine_settings = EngineSettings(**engine_settings)

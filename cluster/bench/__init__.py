@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 
 from cluster.bench import engine as engine_bench
+from cluster.bench import frontend as frontend_bench
 from cluster.bench import placement as placement_bench
 from cluster.bench import rebalance as rebalance_bench
 from cluster.bench import serving as serving_bench
 
-SUITES = {"engine": engine_bench, "serving": serving_bench, "placement": placement_bench,
-          "rebalance": rebalance_bench}
+SUITES = {"engine": engine_bench, "serving": serving_bench, "frontend": frontend_bench,
+          "placement": placement_bench, "rebalance": rebalance_bench}
 
 
 def add_bench_parser(sub) -> None:

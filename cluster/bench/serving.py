@@ -91,9 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on a small shared machine, threads beyond the free cores make OpenMP wait on descheduled "
                         "threads and the figures swing tenfold); expert workers keep the cluster's default")
     p.add_argument("--router-threads", type=int, default=None,
-                   help="torch threads of the router (default: --torch-threads). At equal cores the engine may take "
-                        "every CPU, while the router shares them with the workers: e.g. --torch-threads 2 "
-                        "--router-threads 1 on 2 CPUs")
+                   help="torch threads of the router (default: --torch-threads). At equal cores the engine takes "
+                        "every CPU and the cluster's processes share the same ones: e.g. --torch-threads 2 "
+                        "--router-threads 2 on 2 CPUs (a cluster's routers default to every CPU of the node)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--micro-batches", default="1", type=_micro_batches,
                    help="comma-separated engine micro_batches values for the fast-transport cluster; 1 "
@@ -655,7 +655,7 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
     if args.torch_threads < cpus:
         print(f"   note: the engine computes on {args.torch_threads} of {cpus} CPUs while the cluster's router and "
               f"workers can use all of them: a ratio above 1 partly reflects parallelism the engine was not given "
-              f"(--torch-threads {cpus} --router-threads 1 compares at equal cores)")
+              f"(--torch-threads {cpus} --router-threads {cpus} compares at equal cores)")
 
     print(f"\n2. latency: {args.streams} concurrent GenerateStream calls on cluster-socket, arriving "
           f"{args.stagger_ms:g} ms apart, {args.tokens} tokens each (client side)")

@@ -57,3 +57,11 @@ def test_ray_actors_start_with_the_preloads(ray_session):
         ray_session.kill(probe)
     for lib in process_env.preload_libraries():
         assert Path(lib).name in maps, lib
+
+
+def test_torch_threads_default_to_the_cpus_ray_reserves():
+    from expert_workers.worker import host_cpus, threads_for_cpus, torch_threads_for
+
+    assert [threads_for_cpus(c) for c in (0.25, 0.5, 1, 2, 3.7)] == [1, 1, 1, 2, 3]
+    assert torch_threads_for(3) == 3  # a setting wins
+    assert 1 <= host_cpus() <= (os.cpu_count() or 1)

@@ -9,7 +9,8 @@ import torch
 
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import ExpertGroup
-from expert_workers.wire import ExpertServer, WorkerError, recv_response, send_request
+from expert_workers.wire import (ExpertServer, ProtocolError, ReceiveBuffer, WorkerError, recv_request, recv_response,
+                                 send_request)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,38 @@ def test_worker_error_is_reported_and_the_connection_keeps_serving(server):
             recv_response(sock)
         send_request(sock, 1, torch.randn(1, H), token, torch.tensor([2]), weight)
         assert recv_response(sock).shape == (1, H)
+
+
+def test_request_tensors_arrive_in_place_in_their_dtypes_and_the_buffer_is_reused():
+    """Weights travel in the compute dtype; the worker's views share one buffer per connection."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    buffer = ReceiveBuffer()
+    with a, b:
+        hidden = torch.randn(5, 16).to(torch.bfloat16)
+        token = torch.tensor([0, 1, 1, 4], dtype=torch.int32)
+        expert = torch.tensor([3, 0, 2, 3])  # int64: sent as int32
+        weight = torch.tensor([0.5, 0.25, 0.125, 1.0])  # fp32: sent in hidden's dtype
+        send_request(a, 7, hidden, token, expert, weight)
+        layer, h, t, e, w = recv_request(b, buffer)
+        assert layer == 7 and torch.equal(h, hidden) and torch.equal(t, token)
+        assert e.dtype == torch.int32 and e.tolist() == expert.tolist()
+        assert w.dtype == torch.bfloat16 and torch.equal(w, weight.to(torch.bfloat16))
+        send_request(a, 7, hidden[:2], token[:1], expert[:1], weight[:1])
+        _, h2, t2, _, _ = recv_request(b, buffer)
+        assert h2.shape == (2, 16) and t2.tolist() == [0]
+        assert h2.data_ptr() - t2.data_ptr() == 8  # token, expert, then hidden, in one buffer
+        assert t2.data_ptr() == t.data_ptr()  # the same memory, not a new allocation
+
+
+def test_reply_is_received_into_the_callers_buffer(group, server):
+    H = 64
+    hidden = torch.randn(3, H)
+    token, expert, weight = _pairs(3, [0, 2, 5], seed=4)
+    with _connect(server, "unix") as sock:
+        out = torch.empty(3, H)
+        send_request(sock, 1, hidden, token, expert, weight)
+        assert recv_response(sock, out) is out
+        torch.testing.assert_close(out, group.run(1, hidden, token, expert, weight), rtol=0, atol=0)
+        send_request(sock, 1, hidden, token, expert, weight)
+        with pytest.raises(ProtocolError, match=r"reply of \[3, 64\].*for a request of \[2, 64\]"):
+            recv_response(sock, torch.empty(2, H))
