@@ -31,7 +31,8 @@ migration_aware_plan for the trade-off against balancedness).
 
 Policies (PLANNERS) take a PlannerInput and return a plan:
   eplb             the published EPLB policy, planned from scratch (ignores weight movement).
-  migration_aware  ours: starts from the current plan and trades balancedness against bytes moved.
+  migration_aware  ours: starts from the current plan and trades balancedness against bytes moved,
+                   with EPLB's per-layer maxima as targets (see migration_aware_plan).
 """
 
 from __future__ import annotations
@@ -47,16 +48,14 @@ from router_service.placement import PlacementPlan, WorkerPlacement
 
 Logical = tuple[int, int]  # (layer, expert)
 
-# Moving every logical expert's weights once is worth this much balancedness. Tuned on
-# `moe-serve bench placement` (DeepSeek-MoE-16B shape, 8 workers, shifting Zipf load; seeds 0-2):
-# balancedness 0.997-0.998 against EPLB's 0.994 for 0.21x its bytes moved. On seed 0, 0.01 gives
-# 0.9985 for 0.28x; 0.1 only ties EPLB (0.9935) for 0.13x.
+# Moving every logical expert's weights once is worth this much balancedness. On `moe-serve bench
+# placement` (DeepSeek-MoE-16B shape, 8 workers, 11% spare slots, hot set rotating; seed 0) 0.03 gives
+# balancedness 0.9934 against EPLB's 0.9926 for 0.095x its replicas moved, 34 ms per re-plan.
 DEFAULT_MIGRATION_WEIGHT = 0.03
 # With PlannerInput.groups: balancedness one extra worker per group, for every logical expert, is
 # worth (see migration_aware_plan). On `moe-serve bench placement`'s group trace (8 layers x 64 experts
-# in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 5.13 workers visited per token
-# against 5.83 without groups, planned balancedness 0.9972 against 0.9981; 0.1: 4.97 for 0.9959;
-# 0.3: 4.96 for 0.9916.
+# in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 4.93 workers visited per token
+# against 5.81 without groups, planned balancedness 0.9903 against 0.9906.
 DEFAULT_GROUP_WEIGHT = 0.03
 
 
@@ -336,18 +335,67 @@ def _worker_tokens(H: np.ndarray, load: np.ndarray) -> np.ndarray:
 
 
 def _eplb_hosts(load: np.ndarray, num_workers: int, slots: int) -> np.ndarray:
-    """The published EPLB policy on arrays; replication and packing are global across MoE layers.
+    """The published EPLB policy on arrays: [L, E] tokens -> [L, E, W] hosts.
 
-    Global, because a worker's slots hold replicas of every layer: replicas go to the logical experts
-    with the most tokens per replica whatever their layer. Packing compares workers by their tokens in
-    the replica's own layer, since each MoE layer waits for its own busiest worker.
+    Replication is global across MoE layers, because a worker's slots hold replicas of every layer:
+    each spare slot goes to the logical expert with the most tokens per replica, whatever its layer, and
+    at most one replica per worker (two copies on one worker split nothing). Packing compares workers by
+    their tokens in the replica's own layer, since each MoE layer waits for its own busiest worker: a
+    layer's replicas go heaviest first into the worker with the fewest tokens of that layer among those
+    with a free slot and no copy yet. The layers are packed in lockstep, the j-th replica of every layer
+    in one numpy step; a worker that more layers choose than it has free slots takes the heaviest.
     """
+    L, E = load.shape
+    W = num_workers
+    counts = _eplb_counts(load, W, slots)
+    per_replica = load / counts  # [L, E]
+    # Each layer's replicas heaviest first: order[l, j] is the expert of layer l's j-th replica (-1: none).
+    R = int(counts.sum(1).max())
+    by_weight = np.argsort(-per_replica, axis=1, kind="stable")  # [L, E]
+    order = np.full((L, R), -1)
+    for l in range(L):
+        experts = np.repeat(by_weight[l], counts[l, by_weight[l]])
+        order[l, :experts.size] = experts
+    H = np.zeros((L, E, W), dtype=bool)
+    wl = np.zeros((L, W))  # tokens per layer per worker so far
+    used = np.zeros(W, dtype=int)  # slots taken per worker, all layers
+    for j in range(R):
+        todo = np.flatnonzero(order[:, j] >= 0)  # layers placing their j-th replica
+        while todo.size:
+            x = order[todo, j]
+            ok = (used < slots)[None, :] & ~H[todo, x]  # [T, W]
+            if (stuck := np.flatnonzero(~ok.any(1))).size:
+                for t in stuck:
+                    _make_room(H, wl, used, slots, per_replica, int(todo[t]), int(x[t]))
+                ok = (used < slots)[None, :] & ~H[todo, x]
+            score = np.where(ok, wl[todo], np.inf)
+            tie = ok & (score <= score.min(1, keepdims=True))
+            # Among the least loaded, the fewest slots taken, then the first from a per-layer starting worker:
+            # without the rotation every layer would start on worker 0 and, packed in lockstep, pile the same
+            # workers with the same ranks of every layer until their slots run out.
+            key = used[None, :] * W + (np.arange(W)[None, :] - todo[:, None] * W // L) % W
+            w = np.where(tie, key, np.iinfo(int).max).argmin(1)
+            # A worker chosen by more layers than it has free slots takes the heaviest replicas; the rest
+            # choose again.
+            rank = np.lexsort((-per_replica[todo, x], w))  # grouped by worker, heaviest first
+            first = np.searchsorted(w[rank], w[rank])  # position of each worker's group in rank
+            fits = np.empty(todo.size, dtype=bool)
+            fits[rank] = np.arange(todo.size) - first < (slots - used)[w[rank]]
+            l, x, w = todo[fits], x[fits], w[fits]
+            H[l, x, w] = True
+            np.add.at(used, w, 1)
+            wl[l, w] += per_replica[l, x]
+            todo = todo[~fits]
+    return H
+
+
+def _eplb_counts(load: np.ndarray, num_workers: int, slots: int) -> np.ndarray:
+    """EPLB's replication: [L, E] tokens -> [L, E] replicas, every slot filled, each to the logical expert
+    with the most tokens per replica (at most one replica per worker)."""
     L, E = load.shape
     W, N = num_workers, load.size
     flat = load.ravel()
     counts = np.ones(N, dtype=int)
-    # Replication: fill every slot, one replica at a time, to the logical expert with the most tokens per
-    # replica; at most one replica per worker, since two copies on one worker split nothing.
     heap = [(-flat[i], 1, i) for i in range(N)] if W > 1 else []
     heapq.heapify(heap)
     for _ in range(min(W * slots, N * W) - N):
@@ -355,38 +403,24 @@ def _eplb_hosts(load: np.ndarray, num_workers: int, slots: int) -> np.ndarray:
         counts[i] += 1
         if counts[i] < W:
             heapq.heappush(heap, (-flat[i] / counts[i], counts[i], i))
-    # Packing: heaviest replica first, into the worker with the fewest tokens in its layer among those
-    # with a free slot and no replica of it yet (ties: fewer replicas, then lower index).
-    per_replica = flat / counts
-    H = np.zeros((N, W), dtype=bool)
-    wl = np.zeros((L, W))
-    used = np.zeros(W, dtype=int)
-    for i in sorted(range(N), key=lambda i: (-per_replica[i], i)):
-        layer = i // E
-        for _ in range(counts[i]):
-            ok = (used < slots) & ~H[i]
-            if not ok.any():
-                _make_room(i, H, wl, used, slots, per_replica, E)
-                ok = (used < slots) & ~H[i]
-            w = min(np.flatnonzero(ok), key=lambda w: (wl[layer, w], used[w], w))
-            H[i, w], used[w] = True, used[w] + 1
-            wl[layer, w] += per_replica[i]
-    return H.reshape(L, E, W)
+    return counts.reshape(L, E)
 
 
-def _make_room(i, H, wl, used, slots, per_replica, E) -> None:
-    """Our addition to EPLB's packing, for when every free slot is on a worker that already hosts i.
+def _make_room(H, wl, used, slots, per_replica, l: int, x: int) -> None:
+    """Our addition to EPLB's packing: every worker with a free slot already hosts (l, x).
 
-    Then some full worker lacks i (i has fewer replicas than workers), and it holds a replica that the
-    worker with the free slot lacks (pigeonhole); move the lightest such replica over to free a slot.
+    Then some full worker u lacks x (x has fewer replicas than workers), and it holds a replica that the
+    worker v with the free slot lacks (pigeonhole); move the lightest such replica over to v, which frees
+    a slot for x on u.
     """
-    dst = int(np.flatnonzero(used < slots)[0])
-    src = int(np.flatnonzero(~H[i] & (used >= slots))[0])
-    j = min(np.flatnonzero(H[:, src] & ~H[:, dst]), key=lambda j: per_replica[j])
-    H[j, src], H[j, dst] = False, True
-    used[src], used[dst] = used[src] - 1, used[dst] + 1
-    wl[j // E, src] -= per_replica[j]
-    wl[j // E, dst] += per_replica[j]
+    v = int(np.flatnonzero(used < slots)[0])
+    u = int(np.flatnonzero(~H[l, x] & (used >= slots))[0])
+    ly, y = np.nonzero(H[:, :, u] & ~H[:, :, v])
+    i = int(per_replica[ly, y].argmin())
+    H[ly[i], y[i], u], H[ly[i], y[i], v] = False, True
+    used[u], used[v] = used[u] - 1, used[v] + 1
+    wl[ly[i], u] -= per_replica[ly[i], y[i]]
+    wl[ly[i], v] += per_replica[ly[i], y[i]]
 
 
 def eplb_plan(inp: PlannerInput) -> PlacementPlan:
@@ -428,23 +462,25 @@ def _hosts(plan: PlacementPlan, worker_ids: list[int]) -> np.ndarray:
 
 
 def migration_aware_plan(inp: PlannerInput) -> PlacementPlan:
-    """Maximise J = balancedness - migration_weight * bytes_moved / bytes of all logical experts.
+    """Maximise J = balancedness - migration_weight * replicas moved / logical experts (the byte ratio:
+    expert_bytes cancels), starting from the current plan.
 
     Start from the current plan with replicas kept in place (after the forced changes: draining, too
-    few slots, logical experts without a replica), then apply, in every MoE layer, the move that most
-    raises J until none does (`_improve`). The same search also runs from EPLB's plan with its workers
-    matched to the current ones, and the better J wins: so with migration_weight 0 the result is at
-    least as balanced as EPLB, and a large migration_weight keeps the current plan.
-
-    bytes_moved / bytes of all logical experts = replicas moved / logical experts: expert_bytes cancels.
+    few slots, logical experts without a replica). EPLB's plan from scratch on the same load sets a
+    target per MoE layer, the tokens on its busiest worker; then `_search` moves replicas off each
+    layer's busiest worker while that pays in J, taking the excess over the targets as the tokens a move
+    will take off the layer's maximum. Excess rather than the maximum itself because several workers
+    often tie at a layer's maximum: relieving one of them lowers nothing yet, but lowers the excess, and
+    the next move relieves the next. Finally the starting plan and EPLB's plan with its workers matched
+    to the current ones compete on J, so J never falls below the starting plan's, with migration_weight 0
+    the result is at least as balanced as EPLB's, and a large migration_weight keeps the current plan.
 
     With `inp.groups` (group-limited routing), J also subtracts group_weight / logical experts for every
     extra worker an expert group's replicas span (group_spread). The trade-off: a group kept on one
     worker means a token that picks it sends one dispatch message there instead of several, but it also
     ties the group's experts' loads together, so a hot group can only be relieved by replicating or
     moving whole groups' worth of experts; the planner accepts a lower balancedness when the messages it
-    saves are worth more. group_weight 0 (or groups None) plans as without groups; with groups None the
-    search is exactly the group-oblivious one.
+    saves are worth more. group_weight 0 (or groups None) plans as without groups.
     """
     p = _Problem.of(inp)
     H = _forced(p)
@@ -452,8 +488,12 @@ def migration_aware_plan(inp: PlannerInput) -> PlacementPlan:
         return p.to_plan(H)
     k = inp.migration_weight / p.load.size
     eplb = _eplb_hosts(p.load, len(p.worker_ids), p.slots)
-    starts = [H, eplb[:, :, _match_columns(eplb, p.orig)]]
-    return p.to_plan(max((_improve(p, s, k) for s in starts), key=lambda s: p.objective(s, k)))
+    target = _worker_tokens(eplb, p.load).max(1)  # [L] EPLB's busiest worker in each layer
+    ours = _search(p, H, target, k)
+    matched = eplb[:, :, _match_columns(eplb, p.orig)]
+    # The search's estimate of J can be off by a little (it counts excess, not maxima): the plan it started
+    # from competes too, so J never falls below the starting plan's. Ties keep the search's plan.
+    return p.to_plan(max((ours, H, matched), key=lambda s: p.objective(s, k)))
 
 
 def _match_columns(H: np.ndarray, orig: np.ndarray) -> np.ndarray:
@@ -474,17 +514,16 @@ def _forced(p: _Problem) -> np.ndarray:
     leave is placed again on the least-loaded worker of its layer with a free slot."""
     H = p.orig.copy()
     L, E, W = H.shape
-    for w in range(W):
+    for w in np.flatnonzero(H.sum((0, 1)) > p.slots):
         while H[:, :, w].sum() > p.slots:
             c = H.sum(2)
             spare = H[:, :, w] & (c > 1)
             pool = spare if spare.any() else H[:, :, w]
             per_replica = np.where(pool, p.load / np.maximum(c, 1), np.inf)
             H[np.unravel_index(per_replica.argmin(), (L, E)) + (w,)] = False
-    for flat in np.argsort(-p.load, axis=None, kind="stable"):
+    missing = ~H.any(2)
+    for flat in np.argsort(-np.where(missing, p.load, -1), axis=None, kind="stable")[:int(missing.sum())]:
         l, e = np.unravel_index(flat, (L, E))
-        if H[l, e].any():
-            continue
         used = H.sum((0, 1))
         if (used >= p.slots).all():  # every slot taken: drop the spare replica with the fewest tokens
             c = H.sum(2)
@@ -497,247 +536,275 @@ def _forced(p: _Problem) -> np.ndarray:
     return H
 
 
-def _improve(p: _Problem, H: np.ndarray, k: float) -> np.ndarray:
-    """Greedy local search on J: apply the move that raises J most until none does (see _best_moves).
+# Sources per layer and round: the workers furthest over the layer's target, each with its own best move.
+SOURCES_PER_LAYER = 1
+# Swap partners: replicas on the layer's least-loaded workers only (a swap must take load onto a light one).
+SWAP_WORKERS = 8
 
-    When a layer's busiest workers (nearly) tie, relieving one of them gains (almost) nothing and costs
-    bytes, so no single move pays. Then try, layer by layer, a short chain of moves chosen as if the
-    layer's top m workers were already relieved, and keep it as soon as J rises; a layer whose chain
-    fails is left alone until some other move lands. J rises with every kept move, so the search ends.
+
+# Sources per layer and round: the workers furthest over the layer's target, each with its own best move.
+SOURCES_PER_LAYER = 1
+# Swap partners: replicas on the layer's least-loaded workers only (a swap must take load onto a light one).
+SWAP_WORKERS = 8
+
+
+# A logical expert's replica count changes only when its tokens per replica are this far from EPLB's
+# water level: counts chase the load's trend, not a window's sampling noise. Tuned on `moe-serve bench
+# placement` (see README).
+RECOUNT_MARGIN = 0.25
+
+
+def _recount(p: _Problem, H: np.ndarray, eplb_counts: np.ndarray) -> np.ndarray:
+    """Move replica counts toward EPLB's where they are far off, before the search places replicas.
+
+    The search moves one replica per (layer, worker) per round; when the hot set of a layer changes, the
+    newly hot experts need several more replicas each and the cooled ones hold spares, which would take
+    many rounds. Here, heaviest first, every logical expert whose tokens per replica exceed EPLB's water
+    level (the most tokens per replica EPLB leaves, among experts it could still replicate) by
+    RECOUNT_MARGIN gains replicas up to EPLB's count, each on the least-loaded worker of its layer with a
+    free slot. A free slot comes from the pool, else from removing a spare replica whose expert would stay
+    below the water level by the margin even with one replica fewer (the one with the fewest tokens
+    per replica then, from its busiest host).
     """
     H = H.copy()
     L, E, W = H.shape
-    if W < 2 or p.load.sum() == 0:
+    if W < 2:
         return H
-    cost = (~p.orig).astype(float)  # replicas moved by placing a replica here
-    J = p.objective(H, k)
-    given_up = np.zeros(L, dtype=bool)  # layers where no chain helps; a move that touches one re-arms it
-    for _ in range(4 * H.size):  # a safety net only
-        if moves := _best_moves(H, p.load, cost, p.slots, k, groups=p.groups, gk=p.group_k):
-            touched = _apply_batch(H, moves, p.slots)
-            J = p.objective(H, k)
-            given_up[touched] = False
-            continue
-        relieve, promise = _chain_targets(_worker_tokens(H, p.load), k)
-        for l in [l for l in np.argsort(-promise, kind="stable") if relieve[l].any() and not given_up[l]]:
-            trial, untie, touched = H.copy(), np.zeros_like(relieve), []
-            untie[l] = relieve[l]
-            trial_J = J
-            for _ in range(2 * int(untie[l].sum())):
-                if not (move := _best_moves(trial, p.load, cost, p.slots, k, untie, only=l, groups=p.groups,
-                                            gk=p.group_k)):
-                    break
-                _apply(trial, move[0][2])
-                touched += [index[0] for index, _ in move[0][2]]
-                if (trial_J := p.objective(trial, k)) > J + 1e-12:
-                    break
-            if trial_J > J + 1e-12:
-                H, J = trial, trial_J
-                given_up[touched] = False
-                break
-            given_up[l] = True
-        else:
+    c = H.sum(2)
+    capped = eplb_counts < W
+    level = (p.load / eplb_counts)[capped].max() if capped.any() else 0.0  # EPLB's water level
+    if level == 0:
+        return H
+    need = (p.load / np.maximum(c, 1) > level * (1 + RECOUNT_MARGIN)) & (c < eplb_counts)
+    if not need.any():
+        return H
+    wl = _worker_tokens(H, p.load)  # [L, W], kept up to date below
+    used = H.sum((0, 1))
+    spare = (c > np.maximum(eplb_counts, 1)) & (p.load / np.maximum(c - 1, 1) < level * (1 - RECOUNT_MARGIN))
+    donors = [(p.load[l, y] / (c[l, y] - 1), int(l), int(y)) for l, y in zip(*np.nonzero(spare))]
+    heapq.heapify(donors)
+    adds = [(-p.load[l, x] / c[l, x], int(l), int(x)) for l, x in zip(*np.nonzero(need))]
+    heapq.heapify(adds)
+    while adds:
+        _, l, x = heapq.heappop(adds)
+        room = (used < p.slots) & ~H[l, x]
+        while not room.any() and donors:  # free a slot: the cheapest spare replica goes
+            _, ld, y = heapq.heappop(donors)
+            if c[ld, y] <= max(eplb_counts[ld, y], 1):
+                continue
+            hosts = np.flatnonzero(H[ld, y])
+            v = int(hosts[wl[ld, hosts].argmax()])
+            wl[ld, hosts] += p.load[ld, y] / (c[ld, y] * (c[ld, y] - 1))
+            wl[ld, v] -= p.load[ld, y] / (c[ld, y] - 1)
+            H[ld, y, v], used[v], c[ld, y] = False, used[v] - 1, c[ld, y] - 1
+            if c[ld, y] > max(eplb_counts[ld, y], 1) and p.load[ld, y] / (c[ld, y] - 1) < level * (1 - RECOUNT_MARGIN):
+                heapq.heappush(donors, (p.load[ld, y] / (c[ld, y] - 1), ld, y))
+            room = (used < p.slots) & ~H[l, x]
+        if not room.any():
             break
+        w = int(np.flatnonzero(room)[wl[l, room].argmin()])
+        hosts = np.flatnonzero(H[l, x])
+        wl[l, hosts] -= p.load[l, x] / (c[l, x] * (c[l, x] + 1))
+        wl[l, w] += p.load[l, x] / (c[l, x] + 1)
+        H[l, x, w], used[w], c[l, x] = True, used[w] + 1, c[l, x] + 1
+        if c[l, x] < eplb_counts[l, x] and p.load[l, x] / c[l, x] > level * (1 + RECOUNT_MARGIN):
+            heapq.heappush(adds, (-p.load[l, x] / c[l, x], l, x))
     return H
 
 
-def _apply_batch(H: np.ndarray, moves: list, slots: int) -> list[int]:
-    """Apply the per-layer best moves, best first, skipping any that shares a layer with one already
-    applied or needs a slot an earlier one took. Moves in disjoint layers each raising J raise it
-    together too (balancedness is convex in the tokens taken off the max), so the batch is one
-    greedy step per layer at the cost of one search. Returns the layers touched."""
-    used = H.sum((0, 1))
-    touched: set[int] = set()
-    for _, _, changes in moves:
-        layers = {index[0] for index, _ in changes}
-        delta = np.zeros_like(used)
-        for index, value in changes:
-            delta[index[2]] += 1 if value else -1
-        if layers & touched or (used + delta > slots).any():
-            continue
-        _apply(H, changes)
-        used += delta
-        touched |= layers
-    return sorted(touched)
+def _search(p: _Problem, H: np.ndarray, target: np.ndarray, k: float) -> np.ndarray:
+    """Greedy rounds of moves off the workers over their layer's target until none pays (see _best_moves).
+
+    Each round finds, for every (layer, source worker), the best move, and applies them best first,
+    skipping a move that touches a (layer, worker) an earlier move of the round touched, or needs a free
+    slot an earlier move took: moves on disjoint (layer, worker) sets change disjoint loads, so each
+    lands exactly as evaluated. A move is kept only if it raises the estimate of J and does not raise
+    the total excess over the targets, so the search ends.
+    """
+    H = H.copy()
+    if H.shape[2] < 2:
+        return H
+    cost = (~p.orig).astype(float)  # [L, E, W] placing a replica here counts as one moved
+    for _ in range(H.size):  # a safety net only
+        moves = _best_moves(H, p.load, target, cost, p.slots, k, p.groups, p.group_k)
+        if not moves:
+            break
+        used = H.sum((0, 1))
+        touched: set[tuple[int, int]] = set()
+        for _, cells, changes in moves:
+            delta = np.zeros_like(used)
+            for (_, _, w), value in changes:
+                delta[w] += 1 if value else -1
+            if cells & touched or (used + delta > p.slots).any():
+                continue
+            for index, value in changes:
+                H[index] = value
+            used += delta
+            touched |= cells
+    return H
 
 
-def _chain_targets(wl: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer the top m >= 2 workers whose relief promises the most J net of m moves: ([L, W] mask, [L]
-    promise). Relieving the top m can at best bring the layer's max down to the (m+1)-th load or to the
-    mean, whichever is higher; a layer where no m promises a gain gets an empty row."""
-    L, W = wl.shape
-    S, Tm = wl.max(1).sum(), wl.mean(1).sum()
-    desc = -np.sort(-wl, 1)
-    out = np.zeros((L, W), dtype=bool)
-    if W < 3 or S == 0:
-        return out, np.zeros(L)
-    m = np.arange(2, W)  # [M]
-    floor = np.maximum(desc[:, 2:], wl.mean(1, keepdims=True))  # [L, M] best max after relieving m
-    promise = Tm / (S - (desc[:, :1] - floor)) - Tm / S - k * m
-    best = promise.argmax(1)
-    top = promise[np.arange(L), best]
-    for l in np.flatnonzero(top > 1e-12):
-        out[l, np.argsort(-wl[l], kind="stable")[: m[best[l]]]] = True
-    return out, top
+def _best_moves(H, load, target, cost, slots, k, groups, gk):
+    """For each layer and each source worker u over the layer's target (the busiest one where none is),
+    the best move off u: [(value, (layer, worker) cells touched, [(H index, new value)])], best first;
+    sources with no move that pays are left out.
 
+      move    a replica of x from u to w
+      add     a replica of x (on u) on w; x's tokens then split over one more replica
+      remove  x's replica on u, when x has others
+      swap    x on u with y of the same layer on w, one of the layer's SWAP_WORKERS lightest workers
 
-def _apply(H: np.ndarray, changes: list) -> None:
-    """changes: [(H index, new value)]; index[0] is the layer."""
-    for index, value in changes:
-        H[index] = value
-
-
-def _max_without(M: np.ndarray) -> np.ndarray:
-    """[..., W] -> [..., W]: entry w is the max of M over the last axis leaving out index w."""
-    top = np.sort(M, -1)
-    second = top[..., -2:-1] if M.shape[-1] > 1 else np.zeros_like(top[..., -1:])
-    return np.where(np.arange(M.shape[-1]) == M.argmax(-1)[..., None], second, top[..., -1:])
-
-
-def _best_moves(H, load, cost, slots, k, untie=None, only=None, groups=None, gk=0.0):
-    """Per layer (or in layer `only`), the move that raises J most: [(dJ, layer, [(H index, new value)])],
-    best first; layers where no move raises J are left out.
-
-    Every move takes tokens off some layer's busiest worker h (only that can lower the layer's max):
-      move    a replica of x from h to w
-      add     a replica of x (on h) on w; x's tokens then split over one more replica
-      remove  x's replica on h, when x has others
-      swap    x on h with y of the same layer on w
-    Move and add go only to a worker with few enough replicas of the layer (see `roomy`). A move into
-    a full worker first evicts the spare replica that costs least, from another layer, so that the
-    effects on the two layers add up exactly. Workers marked in `untie` [L, W] count as relieved: the
-    gain is the one the rest of a chain of moves would realise (see _improve). With `groups`, every
-    move also pays gk per worker it adds to an expert group's span (and gains gk per worker it takes off).
+    A move or add into a full worker first evicts the spare replica there, from another layer, that
+    costs least. The value of a move in J is what it takes off the excess over the targets, at J's rate
+    per token of the summed layer maxima (balancedness = Tm / S, so dJ = Tm / S^2 per token), less k per
+    replica moved (cost: a replica back where the current plan has it refunds one) and, with groups,
+    gk per worker added to an expert group's span. Arrays are over the K replicas on each source, so a
+    round costs O(sources x K x workers), not O(layers x experts x workers).
     """
     L, E, W = H.shape
-    lay, wrk = np.arange(L), np.arange(W)
+    wk = np.arange(W)
     c = H.sum(2)  # [L, E] replicas per logical expert
-    a = load / c  # [L, E] tokens per replica
+    a = load / np.maximum(c, 1)  # [L, E] tokens per replica
     wl = np.einsum("lew,le->lw", H, a)  # [L, W] tokens per worker per layer
-    full = H.sum((0, 1)) >= slots  # [W]
-    h = wl.argmax(1)  # [L] busiest worker of each layer
-    mx = wl[lay, h]
-    S, Tm = mx.sum(), wl.mean(1).sum()  # J's balancedness is Tm / S; Tm never changes
-    relieved = np.zeros((L, W), dtype=bool)
-    relieved[lay, h] = True  # each move states h's new load itself
-    if untie is not None:
-        relieved |= untie
-    wl_o = np.where(relieved, 0.0, wl)  # loads are >= 0, so 0 leaves a worker out of a max
-    rest = _max_without(wl_o)  # [L, W] busiest worker other than h (and the relieved) and w
-    on_h = H[lay, :, h]  # [L, E]
-    refund_h = on_h * cost[lay, :, h]  # removing a replica this plan placed on h gives its bytes back
+    ex = np.maximum(wl - target[:, None], 0)  # [L, W] excess over the layer's target
+    S, Tm = wl.max(1).sum(), wl.mean(1).sum()
+    rate = Tm / (S * S)  # J per token off the summed maxima
+    free = H.sum((0, 1)) < slots  # [W]
+    G = H.reshape(L, groups, E // groups, W).sum(2) if groups is not None else None  # [L, G, W] group replicas
+    gx = np.arange(E) // (E // groups) if groups is not None else np.zeros(E, dtype=int)
 
-    # Evictions to make room on a full worker: per (layer, worker) the spare replica whose removal raises
-    # that layer's max least, net of bytes given back (converted to tokens at dJ/dS = -Tm / S^2).
-    spare = c > 1
-    spare_rise = np.where(spare, load / (c * np.maximum(c - 1, 1)), 0.0)  # each other host's extra tokens
-    after_evict = np.maximum(wl[:, None, :] - a[:, :, None], _max_without(wl[:, None, :] + spare_rise[:, :, None] * H))
-    rise = after_evict - mx[:, None, None]  # [L, E, W]
-    score = np.where(H & spare[:, :, None], rise - k * S * S / Tm * cost, np.inf)
-    ev_e = score.argmin(1)  # [L, W]
-    ev_score = np.take_along_axis(score, ev_e[:, None], 1)[:, 0]
-    by_score = np.argsort(ev_score, axis=0, kind="stable")  # [L, W]: layers to evict from, best first
-    ev_l = np.where(by_score[0] == lay[:, None], by_score[min(1, L - 1)], by_score[0])  # not the move's own layer
-    ev_ok = (ev_l != lay[:, None]) & np.isfinite(ev_score[ev_l, wrk])
-    room_rise = np.where(full, np.where(ev_ok, rise[ev_l, ev_e[ev_l, wrk], wrk], np.inf), 0.0)  # [L, W]
-    room_dm = np.where(full & ev_ok, -cost[ev_l, ev_e[ev_l, wrk], wrk], 0.0)
-    # Expert groups: change in the workers a group spans. new_w [L, E, W]: x's group is not on w yet;
-    # alone_h [L, E]: x is its group's only replica on h; room_ds [L, W]: the eviction empties its group.
-    if groups is not None:
-        gx = np.arange(E) // (E // groups)
-        GH = _group_hosts(H, groups)  # [L, G, W]
-        new_w = (GH[:, gx, :] == 0).astype(float)
-        alone_h = (GH[lay[:, None], gx[None, :], h[:, None]] == 1).astype(float)
-        room_ds = np.where(full & ev_ok, -(GH[ev_l, gx[ev_e[ev_l, wrk]], wrk] == 1).astype(float), 0.0)
-    else:
-        GH = new_w = alone_h = room_ds = np.zeros((L, 1, 1))
+    def excess(tokens, t):  # tokens' excess over the target t
+        return np.maximum(tokens - t, 0)
 
-    # From here on only the layers searched: the same names, indexed by position in `ls`.
-    ls = lay if only is None else np.array([only])
-    (H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise, room_rise, room_dm,
-     GH, new_w, alone_h, room_ds) = (
-        v[ls] for v in (H, cost, load, c, a, wl, wl_o, h, mx, rest, on_h, refund_h, spare, spare_rise,
-                        room_rise, room_dm, GH, new_w, alone_h, room_ds))
-    L, lay = len(ls), np.arange(len(ls))
+    def group_count(l, e, w):  # replicas of e's expert group on w (1 without groups: never 0, never alone)
+        return G[l, gx[e], w] if G is not None else np.full(np.broadcast(l, e, w).shape, 2)
 
-    def dJ(after, dm, room=True, ds=None):  # after: the layer's new max; dm: change in replicas moved;
-        # ds: change in the workers expert groups span (only with groups)
-        g = mx.reshape((L,) + (1,) * (after.ndim - 1)) - after - (room_rise[:, None, :] if room else 0)
-        out = Tm / (S - g) - Tm / S - k * (dm + (room_dm[:, None, :] if room else 0))
-        if groups is not None:
-            out = out - gk * (ds + (room_ds[:, None, :] if room else 0))
-        return out
+    # Evictions to make room on a full worker v: per (layer, v) the spare replica whose removal costs J
+    # least, over the list of spare replicas (l, y, v). Each other host of y takes load / (c (c - 1)) more.
+    rl, ry, rv = np.nonzero(H & (c > 1)[:, :, None])
+    inc = load[rl, ry] / np.maximum(c[rl, ry] * (c[rl, ry] - 1), 1)
+    up = excess(wl[rl, rv] + inc, target[rl]) - ex[rl, rv]  # this host's rise if another copy left
+    ups = np.bincount(rl * E + ry, weights=up, minlength=L * E)[rl * E + ry]  # summed over y's hosts
+    d_ev = ups - up + excess(wl[rl, rv] - a[rl, ry], target[rl]) - ex[rl, rv]
+    v_ev = -rate * d_ev + k * cost[rl, ry, rv] + gk * (group_count(rl, ry, rv) == 1)
+    best = np.lexsort((-v_ev, rl * W + rv))  # grouped by (layer, worker), best first
+    head = best[np.r_[True, np.diff((rl * W + rv)[best]) != 0]] if best.size else best
+    ev_val, ev_dex = np.full((L, W), -np.inf), np.zeros((L, W))
+    ev_y = np.zeros((L, W), dtype=int)
+    ev_val[rl[head], rv[head]], ev_dex[rl[head], rv[head]], ev_y[rl[head], rv[head]] = v_ev[head], d_ev[head], ry[head]
+    best2 = np.argsort(-ev_val, axis=0, kind="stable")[:2]  # [2, W] the two best layers to evict from
+    lay = np.arange(L)[:, None]
+    ev_l = np.where(best2[0][None, :] == lay, best2[min(1, L - 1)][None, :], best2[0][None, :])  # [L, W] not l
+    ev_ok = (ev_l != lay) & np.isfinite(ev_val[ev_l, wk])
+    room_val = np.where(free, 0.0, np.where(ev_ok, ev_val[ev_l, wk], -np.inf))  # [L, W]
+    room_dex = np.where(free | ~ev_ok, 0.0, ev_dex[ev_l, wk])
 
-    # A move or add never gives a worker more than ceil(R / W) + 1 replicas of one layer (R: the layer's
-    # replicas). The experts that turn hot next are mostly cold now, so a worker piled with one layer's
-    # cold experts is the one overloaded after a shift (bench, seed 0: 0.394 -> 0.409 served right after
-    # the hot set rotates, EPLB 0.414, for 27% more bytes moved).
-    roomy = (H.sum(1) < -(-c.sum(1, keepdims=True) // W) + 1)[:, None, :]  # [L, 1, W]
+    # Sources: (layer pl, worker pu) pairs, P of them.
+    by_excess = np.argsort(-ex, axis=1, kind="stable")[:, :SOURCES_PER_LAYER]  # [L, M]
+    is_src = np.take_along_axis(ex, by_excess, 1) > 1e-9
+    is_src[:, 0] |= groups is not None  # with groups, a layer at its target may still gather its groups
+    pl, m = np.nonzero(is_src)
+    if pl.size == 0:
+        return []
+    pu = by_excess[pl, m]
+    P = pl.size
+    p2, p3 = pl[:, None], pl[:, None, None]
+    th2, th3 = target[pl][:, None], target[pl][:, None, None]
+    mx, ex_u = wl[pl, pu], ex[pl, pu]  # [P]
+    wl_p, ex_p = wl[pl], ex[pl]  # [P, W]
+    on_u = H[pl, :, pu]  # [P, E]
+    K = max(int(on_u.sum(1).max()), 1)
+    xs = np.argsort(~on_u, axis=1, kind="stable")[:, :K]  # [P, K] the experts on u first
+    xok = np.take_along_axis(on_u, xs, 1)  # [P, K]
+    ax, cx, lx = a[p2, xs], c[p2, xs], load[p2, xs]  # [P, K]
+    Hx = H[p3, xs[:, :, None], wk]  # [P, K, W] hosts of each x
+    refund = cost[p2, xs, pu[:, None]]  # [P, K] taking x off u gives back a move this plan made
+    cost_w = cost[p3, xs[:, :, None], wk]  # [P, K, W]
+    g_u = (group_count(p2, xs, pu[:, None]) == 1).astype(float)  # [P, K] x is its group's only replica on u
+    g_w = (group_count(p3, xs[:, :, None], wk) == 0).astype(float)  # [P, K, W] x's group is not on w yet
+    off_u = (excess(mx[:, None] - ax, th2) - ex_u[:, None])[:, :, None]  # [P, K, 1] u's excess change
+    rv_p, rd_p = room_val[pl][:, None, :], room_dex[pl][:, None, :]  # [P, 1, W]
+    cand = {}  # kind -> (value, excess change), both [P, ...]
+    # move x from u to w: [P, K, W]
+    d = off_u + excess(wl_p[:, None, :] + ax[:, :, None], th3) - ex_p[:, None, :] + rd_p
+    val = -rate * d - k * (cost_w - refund[:, :, None]) - gk * (g_w - g_u[:, :, None]) + rv_p
+    cand["move"] = (np.where(xok[:, :, None] & ~Hx, val, -np.inf), d)
+    # add a replica of x on w: x's hosts each lose load / (c (c + 1)), w gains load / (c + 1)
+    drop = lx / (cx * (cx + 1.0))
+    host_d = (Hx * (excess(wl_p[:, None, :] - drop[:, :, None], th3) - ex_p[:, None, :])).sum(2)
+    d = host_d[:, :, None] + excess(wl_p[:, None, :] + (lx / (cx + 1.0))[:, :, None], th3) - ex_p[:, None, :] + rd_p
+    val = -rate * d - k * cost_w - gk * g_w + rv_p
+    cand["add"] = (np.where(xok[:, :, None] & ~Hx & (cx < W)[:, :, None], val, -np.inf), d)
+    # remove x's replica on u: [P, K]
+    rise = excess(wl_p[:, None, :] + (lx / np.maximum(cx * (cx - 1), 1))[:, :, None], th3) - ex_p[:, None, :]
+    d = (Hx * rise).sum(2) - np.take_along_axis(rise, np.broadcast_to(pu[:, None, None], (P, K, 1)), 2)[:, :, 0] \
+        + off_u[:, :, 0]
+    val = -rate * d + k * refund + gk * g_u
+    cand["remove"] = (np.where(xok & (cx > 1), val, -np.inf), d)
+    # swap x on u with y on w, w among the layer's lightest workers: [P, K, T, J] over the J replicas on w
+    T = min(SWAP_WORKERS, W)
+    light = np.argsort(wl_p, axis=1, kind="stable")[:, :T]  # [P, T]
+    on_w = _experts_on(H)  # [L, W, J] experts on each worker, -1 padded
+    ys = on_w[p2, light]  # [P, T, J]
+    yok = ys >= 0
+    ys = np.maximum(ys, 0)
+    ay = a[p3, ys]  # [P, T, J]
+    wl_w, ex_w = np.take_along_axis(wl_p, light, 1), np.take_along_axis(ex_p, light, 1)  # [P, T]
+    s4 = lambda v: v[:, None, :, None]  # noqa: E731  [P, T] -> [P, 1, T, 1]
+    ax4, ay4 = ax[:, :, None, None], ay[:, None, :, :]
+    d = (excess(mx[:, None, None, None] - ax4 + ay4, th3[..., None]) - ex_u[:, None, None, None]
+         + excess(s4(wl_w) + ax4 - ay4, th3[..., None]) - s4(ex_w))
+    lw4 = light[:, None, :, None]
+    dm = (cost[pl[:, None, None, None], xs[:, :, None, None], lw4] + cost[p3, ys, pu[:, None, None]][:, None]
+          - refund[:, :, None, None] - cost[p3, ys, light[:, :, None]][:, None])
+    ok = (xok[:, :, None, None] & yok[:, None] & ~H[p3, ys, pu[:, None, None]][:, None]
+          & ~H[pl[:, None, None, None], xs[:, :, None, None], lw4])
+    val = -rate * d - k * dm
+    if G is not None:  # x's group gains w and may lose u; y's gains u and may lose w; same group: 0
+        gxx, gyy = gx[xs][:, :, None, None], gx[ys][:, None]  # [P, K, 1, 1], [P, 1, T, J]
+        P4 = pl[:, None, None, None]
+        ds = ((G[P4, gxx, lw4] == 0).astype(float) - (G[P4, gxx, pu[:, None, None, None]] == 1)
+              + (G[P4, gyy, pu[:, None, None, None]] == 0) - (G[P4, gyy, lw4] == 1))
+        val = val - gk * np.where(gxx == gyy, 0.0, ds)
+    cand["swap"] = (np.where(ok, val, -np.inf), d)
 
-    cand = []  # (dJ, kind)
-    # move x from h to w: [L, E, W]
-    after = np.maximum(np.maximum(rest[:, None, :], (mx[:, None] - a)[:, :, None]), wl[:, None, :] + a[:, :, None])
-    cand.append((np.where(on_h[:, :, None] & ~H & roomy,
-                          dJ(after, cost - refund_h[:, :, None], ds=new_w - alone_h[:, :, None]), -np.inf), "move"))
-    # add a replica of x (on h) on w: x's hosts each lose a share, w gains one: [L, E, W]
-    D = np.where(H, wl[:, None, :] - (load / (c * (c + 1)))[:, :, None], wl_o[:, None, :])
-    after = np.maximum(_max_without(D), wl[:, None, :] + (load / (c + 1))[:, :, None])
-    cand.append((np.where(on_h[:, :, None] & ~H & roomy, dJ(after, cost, ds=new_w), -np.inf), "add"))
-    # remove x's replica on h: [L, E]
-    Rm = np.where(H, wl[:, None, :] + spare_rise[:, :, None], wl_o[:, None, :])
-    Rm[lay[:, None], np.arange(E), h[:, None]] = mx[:, None] - a
-    cand.append((np.where(on_h & spare, dJ(Rm.max(2), -refund_h, room=False, ds=-alone_h), -np.inf), "remove"))
-    # swap x on h with a replica y on w, y of the same layer and not on h: [L, K, R] over the K replicas
-    # on h and the R replicas of the layer's other experts
-    K = int(on_h.sum(1).max())
-    xs = np.argsort(~on_h, axis=1, kind="stable")[:, :K]  # [L, K] experts on h first
-    ly, ye, yw = np.nonzero(H & ~on_h[:, :, None])
-    n = np.bincount(ly, minlength=L)
-    Ye, Yw, Yok = (np.zeros((L, max(n.max(), 1)), dtype=t) for t in (int, int, bool))
-    pos = np.arange(ly.size) - np.repeat(np.cumsum(n) - n, n)
-    Ye[ly, pos], Yw[ly, pos], Yok[ly, pos] = ye, yw, True
-    l3, l2 = lay[:, None, None], lay[:, None]
-    ax, ay = np.take_along_axis(a, xs, 1)[:, :, None], a[l2, Ye][:, None, :]
-    after = np.maximum(np.maximum(rest[l2, Yw][:, None, :], mx[:, None, None] - ax + ay),
-                       wl[l2, Yw][:, None, :] + ax - ay)
-    x_to_w = cost[l3, xs[:, :, None], Yw[:, None, :]]
-    y_to_h = (cost[l2, Ye, h[:, None]] - cost[l2, Ye, Yw])[:, None, :]  # net of y's refund on w
-    dm = x_to_w + y_to_h - np.take_along_axis(refund_h, xs, 1)[:, :, None]
-    ok = np.take_along_axis(on_h, xs, 1)[:, :, None] & Yok[:, None, :] & ~H[l3, xs[:, :, None], Yw[:, None, :]]
-    g = mx[:, None, None] - after
-    swap_dj = Tm / (S - g) - Tm / S - k * dm
-    if groups is not None:  # x's group gains w and may lose h; y's gains h and may lose w; same group: 0
-        gxx, gyy = gx[xs], gx[Ye]  # [L, K], [L, R]
-        ds = ((GH[l3, gxx[:, :, None], Yw[:, None, :]] == 0).astype(float)
-              - (GH[l2, gxx, h[:, None]] == 1)[:, :, None] + (GH[l2, gyy, h[:, None]] == 0)[:, None, :]
-              - (GH[l2, gyy, Yw] == 1)[:, None, :])
-        swap_dj = swap_dj - gk * np.where(gxx[:, :, None] == gyy[:, None, :], 0.0, ds)
-    cand.append((np.where(ok, swap_dj, -np.inf), "swap"))
-
-    best = np.stack([dj.reshape(L, -1).max(1) for dj, _ in cand])  # [kinds, L]
+    # per source the best kind whose value is positive and which does not raise the total excess
+    kinds = list(cand)
+    flat = [np.where(dex.reshape(P, -1) <= 1e-9, v.reshape(P, -1), -np.inf) for v, dex in cand.values()]
+    top = np.stack([f.max(1) for f in flat])  # [kinds, P]
     out = []
-    for i in np.flatnonzero(best.max(0) > 1e-12):
-        dj, kind = cand[int(best[:, i].argmax())]
-        idx = (i,) + np.unravel_index(dj[i].argmax(), dj.shape[1:])
-        l = int(ls[i])
-        out.append((float(best[:, i].max()), l, _changes(kind, l, idx, h, xs, Ye, Yw, full, ev_l, ev_e)))
+    for i in np.flatnonzero(top.max(0) > 1e-12):
+        kind = int(top[:, i].argmax())
+        idx = np.unravel_index(int(flat[kind][i].argmax()), cand[kinds[kind]][0].shape[1:])
+        l, u, x = int(pl[i]), int(pu[i]), int(xs[i, idx[0]])
+        if kinds[kind] == "swap":
+            w, y = int(light[i, idx[1]]), int(ys[i, idx[1], idx[2]])
+            changes = [((l, x, u), False), ((l, x, w), True), ((l, y, w), False), ((l, y, u), True)]
+        elif kinds[kind] == "remove":
+            changes = [((l, x, u), False)]
+        else:
+            w = int(idx[1])
+            changes = [((l, x, w), True)] + ([((l, x, u), False)] if kinds[kind] == "move" else [])
+            if not free[w]:
+                lv = int(ev_l[l, w])
+                changes.append(((lv, int(ev_y[lv, w]), w), False))
+        cells = {(l, u)} | {(ln, wn) for (ln, _, wn), _ in changes}
+        # add and remove change x's tokens per replica, and an eviction y's: every host of theirs is touched
+        for (ln, e, _), _ in changes if kinds[kind] != "swap" else ():
+            cells |= {(ln, int(wn)) for wn in np.flatnonzero(H[ln, e])}
+        out.append((float(top[kind, i]), cells, changes))
     return sorted(out, key=lambda t: -t[0])
 
 
-def _changes(kind, l, idx, h, xs, Ye, Yw, full, ev_l, ev_e) -> list:
-    """The [(H index, new value)] of one move found by _best_moves: idx indexes the searched layers
-    (h, xs, Ye, Yw), l is the layer; ev_l, ev_e index all layers."""
-    i = idx[0]
-    if kind == "remove":
-        return [((l, idx[1], h[i]), False)]
-    if kind == "swap":
-        x, y, w = xs[i, idx[1]], Ye[i, idx[2]], Yw[i, idx[2]]
-        return [((l, x, h[i]), False), ((l, x, w), True), ((l, y, w), False), ((l, y, h[i]), True)]
-    e, w = idx[1], idx[2]
-    changes = [((l, e, w), True)] + ([((l, e, h[i]), False)] if kind == "move" else [])
-    if full[w]:
-        changes.append(((ev_l[l, w], ev_e[ev_l[l, w], w], w), False))
-    return changes
+def _experts_on(H: np.ndarray) -> np.ndarray:
+    """[L, E, W] hosts -> [L, W, J] the experts on each worker in each layer, padded with -1."""
+    L, E, W = H.shape
+    l, w, e = np.nonzero(H.transpose(0, 2, 1))  # sorted by (layer, worker)
+    key = l * W + w
+    n = np.bincount(key, minlength=L * W)
+    out = np.full((L * W, max(int(n.max()), 1)), -1)
+    out[key, np.arange(key.size) - np.repeat(np.cumsum(n) - n, n)] = e
+    return out.reshape(L, W, -1)
 
 
 # --- registry --------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot", type=int, default=8, help="hottest experts per layer that rotate out")
     p.add_argument("--migration-weight", type=float, default=DEFAULT_MIGRATION_WEIGHT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budgets", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compare at no spare slot and one or two spares per worker per layer")
+    p.add_argument("--scale-windows", type=int, default=6,
+                   help="windows per shape in the plan-time table up to DeepSeek-V3's shape (0: skip it)")
     p.add_argument("--out", default="bench-results/placement.json", help="JSON path; the PNG plot goes next to it")
     g = p.add_argument_group("group-limited trace (DeepSeek-V2/V3 routing)")
     g.add_argument("--group-trace", choices=("also", "only", "off"), default="also",
@@ -192,24 +196,28 @@ def run_groups(args: argparse.Namespace) -> dict:
     return {"summary": summary, "windows": windows, "table": table, "slots": slots}
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.group_trace == "only":
-        groups = run_groups(args)
-        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
-        write_json(args.out, {"suite": "placement", "machine": machine(), "settings": settings, "groups": groups})
-        return 0
-    args.slots = args.slots or math.ceil(1.11 * args.layers * args.experts / args.workers)
-    trace = zipf_trace(args)
+def compare(args: argparse.Namespace, slots: int, trace=None) -> tuple[list[dict], dict]:
+    """Both planners over a Zipf trace at one replica budget: (per-window rows, means over windows).
+
+    The first window plans from round-robin (a cold start); the means are over the re-plans after it,
+    which is what a running cluster does every window."""
+    trace = trace or zipf_trace(args)
     start = round_robin_plan(tuple(range(1, args.layers + 1)), args.experts, args.workers)
     eplb, ours = start, start
-    gb = args.expert_bytes / 1e9
     windows = []
     for t, load in enumerate(trace):
-        inp = dict(num_workers=args.workers, slots_per_worker=args.slots, expert_bytes=args.expert_bytes)
+        inp = dict(num_workers=args.workers, slots_per_worker=slots, expert_bytes=args.expert_bytes)
+        began = time.perf_counter()
         new_eplb = eplb_plan(PlannerInput(load, current=eplb, **inp))
+        eplb_ms = 1e3 * (time.perf_counter() - began)
         began = time.perf_counter()
         new_ours = migration_aware_plan(PlannerInput(load, current=ours, migration_weight=args.migration_weight, **inp))
         ms = 1e3 * (time.perf_counter() - began)
+        # The controller's own work around a plan: the change to roll out and balancedness before and after.
+        began = time.perf_counter()
+        change = plan_change(ours, new_ours, args.expert_bytes)
+        balancedness(ours, load), balancedness(new_ours, load)
+        controller_ms = 1e3 * (time.perf_counter() - began)
         nxt = trace[t + 1] if t + 1 < len(trace) else None
         windows.append({
             "window": t,
@@ -219,53 +227,120 @@ def run(args: argparse.Namespace) -> int:
             "served_ours": balancedness(new_ours, nxt) if nxt else None,
             "replicas_moved_eplb": plan_change(eplb, new_eplb, 1).bytes_moved,
             "replicas_moved_eplb_renamed": plan_change(eplb, match_workers(new_eplb, eplb), 1).bytes_moved,
-            "replicas_moved_ours": plan_change(ours, new_ours, 1).bytes_moved,
+            "replicas_moved_ours": change.replicas_moved,
             "replicas_ours": sum(len(w.replicas) for w in new_ours.workers),
-            "planner_ms_ours": ms,
+            "planner_ms_ours": ms, "planner_ms_eplb": eplb_ms, "controller_ms": controller_ms,
         })
         eplb, ours = new_eplb, new_ours
         w = windows[-1]
-        print(f"window {t:2d}: balancedness eplb {w['balancedness_eplb']:.3f} ours {w['balancedness_ours']:.3f}, "
-              f"replicas moved eplb {w['replicas_moved_eplb']} ours {w['replicas_moved_ours']} ({ms:.0f} ms)",
-              flush=True)
+        print(f"window {t:2d}: balancedness eplb {w['balancedness_eplb']:.4f} ours {w['balancedness_ours']:.4f}, "
+              f"replicas moved eplb {w['replicas_moved_eplb']} ours {w['replicas_moved_ours']} "
+              f"({ms:.0f} ms; eplb {eplb_ms:.0f} ms)", flush=True)
 
-    def mean(key, rows=windows):
+    replans = windows[1:] or windows
+    steady = [w for w in replans if (w["window"] + 1) % args.shift_every]
+    rotated = [w for w in replans if (w["window"] + 1) % args.shift_every == 0]
+
+    def mean(key, rows=replans):
         vals = [w[key] for w in rows if w[key] is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    # a plan serves the next window; when the hot set rotates in between, no plan can be ready for it
-    steady = [w for w in windows if (w["window"] + 1) % args.shift_every]
-    rotated = [w for w in windows if (w["window"] + 1) % args.shift_every == 0]
+    gb = args.expert_bytes / 1e9
     moved = {k: mean(f"replicas_moved_{k}") * gb for k in ("eplb", "eplb_renamed", "ours")}
     summary = {
+        "slots": slots,
         "balancedness_eplb": mean("balancedness_eplb"), "balancedness_ours": mean("balancedness_ours"),
         "served_eplb": mean("served_eplb"), "served_ours": mean("served_ours"),
         "served_steady_eplb": mean("served_eplb", steady), "served_steady_ours": mean("served_ours", steady),
         "served_rotated_eplb": mean("served_eplb", rotated), "served_rotated_ours": mean("served_ours", rotated),
         "gb_moved_per_window_eplb": moved["eplb"], "gb_moved_per_window_eplb_renamed": moved["eplb_renamed"],
-        "gb_moved_per_window_ours": moved["ours"], "bytes_moved_ratio": moved["ours"] / moved["eplb"],
-        "balancedness_unplaced": mean("balancedness_unplaced"), "planner_ms_ours": mean("planner_ms_ours"),
+        "gb_moved_per_window_ours": moved["ours"],
+        "moves_ratio": mean("replicas_moved_ours") / max(mean("replicas_moved_eplb"), 1e-9),
+        "balancedness_unplaced": mean("balancedness_unplaced"),
+        "planner_ms_first": windows[0]["planner_ms_ours"],
+        "planner_ms_ours": mean("planner_ms_ours"), "planner_ms_ours_max": max(w["planner_ms_ours"] for w in replans),
+        "planner_ms_eplb": mean("planner_ms_eplb"), "controller_ms": mean("controller_ms"),
     }
     summary["target_met"] = (summary["balancedness_ours"] >= summary["balancedness_eplb"]
-                             and summary["bytes_moved_ratio"] <= 0.5)
+                             and summary["moves_ratio"] <= 0.1)
+    return windows, summary
+
+
+# Shapes for the plan-time table: (name, MoE layers, experts, workers, spare replicas per layer).
+SCALE_SHAPES = (("4 x 64, 8 workers", 4, 64, 8, 7),
+                ("DeepSeek-MoE-16B: 27 x 64, 8 workers", 27, 64, 8, 7),
+                ("27 x 64, 32 workers", 27, 64, 32, 7),
+                ("DeepSeek-V3: 58 x 256, 64 workers", 58, 256, 64, 32))
+
+
+def run_scale(args: argparse.Namespace, shapes=SCALE_SHAPES) -> dict:
+    """Plan time against shape: each shape over --scale-windows windows of the drifting trace."""
+    rows, out = [], {}
+    for name, L, E, W, spare in shapes:
+        shape = argparse.Namespace(**{**vars(args), "layers": L, "experts": E, "workers": W,
+                                      "windows": args.scale_windows})
+        slots = math.ceil(L * (E + spare) / W)
+        print(f"\n{name}, {slots} slots per worker ({spare} spare replicas per layer)")
+        _, s = compare(shape, slots)
+        out[name] = s
+        rows.append([name, f"{L * E}", f"{s['planner_ms_eplb']:.0f}", f"{s['planner_ms_first']:.0f}",
+                     f"{s['planner_ms_ours']:.0f}", f"{s['planner_ms_ours_max']:.0f}", f"{s['controller_ms']:.0f}",
+                     f"{s['balancedness_ours']:.4f} / {s['balancedness_eplb']:.4f}", f"{s['moves_ratio']:.3f}"])
+    print(f"\nplan time against shape ({args.scale_windows} windows each, hot set rotated every "
+          f"{args.shift_every}; re-plan = every window after the first)")
+    table = print_table(["shape", "logical experts", "eplb ms", "ours first ms", "ours re-plan ms (mean)",
+                         "re-plan ms (max)", "controller ms", "balancedness ours / eplb", "moves ours / eplb"], rows)
+    return {"shapes": out, "table": table}
+
+
+def run_budgets(args: argparse.Namespace, trace) -> dict:
+    """Quality against EPLB at equal replica budgets: no spare slot, one and two spares per worker per layer."""
+    rows, out = [], {}
+    need = math.ceil(args.layers * args.experts / args.workers)
+    for name, slots in (("no spare slot", need), ("1 spare per worker per layer", need + args.layers),
+                        ("2 spares per worker per layer", need + 2 * args.layers)):
+        print(f"\nbudget: {name} ({slots} slots per worker)")
+        _, s = compare(args, slots, trace)
+        out[name] = s
+        rows.append([name, slots, f"{s['balancedness_ours']:.4f}", f"{s['balancedness_eplb']:.4f}",
+                     f"{s['served_ours']:.4f}", f"{s['served_eplb']:.4f}", f"{s['moves_ratio']:.3f}",
+                     f"{s['planner_ms_ours']:.0f}", "met" if s["target_met"] else "NOT met"])
+    print(f"\nquality at equal replica budgets ({args.layers} x {args.experts}, {args.workers} workers; means over "
+          f"re-plans; served = on the next window)")
+    table = print_table(["budget", "slots", "balancedness ours", "eplb", "served ours", "served eplb",
+                         "moves ours / eplb", "ours ms", "target (>= eplb, <= 0.1x moves)"], rows)
+    return {"budgets": out, "table": table}
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}  # not the CLI's func
+    if args.group_trace == "only":
+        groups = run_groups(args)
+        write_json(args.out, {"suite": "placement", "machine": machine(), "settings": settings, "groups": groups})
+        return 0
+    args.slots = args.slots or math.ceil(1.11 * args.layers * args.experts / args.workers)
+    trace = zipf_trace(args)
+    windows, summary = compare(args, args.slots, trace)
     print(f"\n{args.layers} MoE layers x {args.experts} experts, {args.workers} workers x {args.slots} slots, "
           f"{args.windows} windows of {args.tokens} tokens (top-{args.top_k}), Zipf {args.zipf}, "
           f"{args.hot} hot experts per layer rotate every {args.shift_every} windows, "
-          f"migration_weight {args.migration_weight}; means over windows")
+          f"migration_weight {args.migration_weight}; means over re-plans")
     cols = ("balancedness", "served_steady", "served_rotated")
     table = print_table(
         ["planner", "balancedness planned", "served: steady", "served: hot set rotated", "GB moved / window"],
-        [["eplb"] + [f"{summary[f'{c}_eplb']:.4f}" for c in cols] + [moved["eplb"]],
-         ["eplb, workers renamed", "same", "same", "same", moved["eplb_renamed"]],
-         ["migration_aware"] + [f"{summary[f'{c}_ours']:.4f}" for c in cols] + [moved["ours"]],
+        [["eplb"] + [f"{summary[f'{c}_eplb']:.4f}" for c in cols] + [summary["gb_moved_per_window_eplb"]],
+         ["eplb, workers renamed", "same", "same", "same", summary["gb_moved_per_window_eplb_renamed"]],
+         ["migration_aware"] + [f"{summary[f'{c}_ours']:.4f}" for c in cols] + [summary["gb_moved_per_window_ours"]],
          ["round-robin, never moved", f"{summary['balancedness_unplaced']:.4f}", "", "", 0.0]])
-    print(f"bytes moved ours / eplb: {summary['bytes_moved_ratio']:.3f}; "
-          f"target (balancedness >= eplb, bytes <= 0.5x) {'met' if summary['target_met'] else 'NOT met'}")
-    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}  # not the CLI's func
+    print(f"replicas moved ours / eplb: {summary['moves_ratio']:.3f}; re-plan {summary['planner_ms_ours']:.0f} ms; "
+          f"target (balancedness >= eplb, moves <= 0.1x) {'met' if summary['target_met'] else 'NOT met'}")
+    budgets = run_budgets(args, trace) if args.budgets else None
+    scale = run_scale(args) if args.scale_windows else None
     groups = run_groups(args) if args.group_trace == "also" else None
     out = write_json(args.out, {"suite": "placement", "machine": machine(), "settings": settings,
-                                "summary": summary, "windows": windows, "table": table, "groups": groups})
-    _plot(windows, gb, out.with_suffix(".png"))
+                                "summary": summary, "windows": windows, "table": table, "budgets": budgets,
+                                "scale": scale, "groups": groups})
+    _plot(windows, args.expert_bytes / 1e9, out.with_suffix(".png"))
     return 0
 
 

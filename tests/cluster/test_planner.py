@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, expert_groups, grouped_plan,
                              initial_plan, match_workers, migration_aware_plan, plan, plan_change, plan_group_spread,
@@ -347,3 +349,37 @@ def test_group_aware_plans_stay_valid(seed):
         check_valid(oblivious, inp)
         current = new
     assert all(len(w.replicas) <= slots for w in current.workers)
+
+
+# --- properties over random loads and plans --------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_migration_aware_never_falls_below_its_starting_plan(data):
+    """Any plan, any load: every logical expert keeps a replica, no worker exceeds its slots, and
+    J = balancedness - migration_weight * replicas moved / logical experts (- group_weight * spread / logical
+    experts with groups) is at least the starting plan's, which has J = its balancedness."""
+    layers, workers = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 6))
+    groups = data.draw(st.sampled_from([None, 2, 4]))
+    experts = (groups or 1) * data.draw(st.integers(1, 6 if groups else 16))
+    slots = -(-layers * experts // workers) + data.draw(st.integers(0, 4))
+    weight = data.draw(st.sampled_from([0.0, 0.03, 0.5]))
+    seed = data.draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    moe_layers = tuple(range(1, layers + 1))
+    load = {(l, e): int(n) for l in moe_layers for e, n in enumerate(rng.zipf(1.5, experts) * rng.integers(0, 3))}
+    start_load = {(l, e): int(n) for l in moe_layers for e, n in enumerate(rng.integers(0, 50, experts))}
+    current = eplb_plan(PlannerInput(start_load, workers, slots, EB, current=round_robin_plan(moe_layers, experts,
+                                                                                              workers)))
+    inp = PlannerInput(load, workers, slots, EB, current=current, migration_weight=weight, groups=groups)
+    new = migration_aware_plan(inp)
+    check_valid(new, inp)
+    assert {(l, e) for w in new.workers for l, e in w.replicas} == set(load)
+    n = layers * experts
+
+    def J(p):
+        spread = plan_group_spread(p, groups) * inp.group_weight / n if groups else 0.0
+        return balancedness(p, load) - weight * plan_change(current, p, EB).replicas_moved / n - spread
+
+    assert J(new) >= J(current) - 1e-9
