@@ -50,7 +50,7 @@ Logical = tuple[int, int]  # (layer, expert)
 
 # Moving every logical expert's weights once is worth this much balancedness. On `moe-serve bench
 # placement` (DeepSeek-MoE-16B shape, 8 workers, 11% spare slots, hot set rotating; seed 0) 0.03 gives
-# balancedness 0.9934 against EPLB's 0.9926 for 0.095x its replicas moved, 34 ms per re-plan.
+# balancedness 0.9931 against EPLB's 0.9926 for 0.091x its replicas moved, 29 ms per re-plan.
 DEFAULT_MIGRATION_WEIGHT = 0.03
 # With PlannerInput.groups: balancedness one extra worker per group, for every logical expert, is
 # worth (see migration_aware_plan). On `moe-serve bench placement`'s group trace (8 layers x 64 experts
@@ -469,7 +469,8 @@ def migration_aware_plan(inp: PlannerInput) -> PlacementPlan:
     few slots, logical experts without a replica). EPLB's plan from scratch on the same load sets a
     target per MoE layer, the tokens on its busiest worker; then `_search` moves replicas off each
     layer's busiest worker while that pays in J, taking the excess over the targets as the tokens a move
-    will take off the layer's maximum. Excess rather than the maximum itself because several workers
+    will take off the layer's maximum, and stops once the plan is as balanced as EPLB's: further moves
+    would chase one window's sampling noise, which the next window does not repeat. Excess rather than the maximum itself because several workers
     often tie at a layer's maximum: relieving one of them lowers nothing yet, but lowers the excess, and
     the next move relieves the next. Finally the starting plan and EPLB's plan with its workers matched
     to the current ones compete on J, so J never falls below the starting plan's, with migration_weight 0
@@ -488,8 +489,8 @@ def migration_aware_plan(inp: PlannerInput) -> PlacementPlan:
         return p.to_plan(H)
     k = inp.migration_weight / p.load.size
     eplb = _eplb_hosts(p.load, len(p.worker_ids), p.slots)
-    target = _worker_tokens(eplb, p.load).max(1)  # [L] EPLB's busiest worker in each layer
-    ours = _search(p, H, target, k)
+    wl = _worker_tokens(eplb, p.load)
+    ours = _search(p, H, wl.max(1), _balancedness(wl), k)  # targets: EPLB's busiest worker in each layer
     matched = eplb[:, :, _match_columns(eplb, p.orig)]
     # The search's estimate of J can be off by a little (it counts excess, not maxima): the plan it started
     # from competes too, so J never falls below the starting plan's. Ties keep the search's plan.
@@ -536,12 +537,16 @@ def _forced(p: _Problem) -> np.ndarray:
     return H
 
 
+# The search stops once balancedness is this far above EPLB's: moves beyond it chase one window's noise.
+GOAL_MARGIN = 0.0002
 # Sources per layer and round: the workers furthest over the layer's target, each with its own best move.
 SOURCES_PER_LAYER = 1
 # Swap partners: replicas on the layer's least-loaded workers only (a swap must take load onto a light one).
 SWAP_WORKERS = 8
 
 
+# The search stops once balancedness is this far above EPLB's: moves beyond it chase one window's noise.
+GOAL_MARGIN = 0.0002
 # Sources per layer and round: the workers furthest over the layer's target, each with its own best move.
 SOURCES_PER_LAYER = 1
 # Swap partners: replicas on the layer's least-loaded workers only (a swap must take load onto a light one).
@@ -612,8 +617,9 @@ def _recount(p: _Problem, H: np.ndarray, eplb_counts: np.ndarray) -> np.ndarray:
     return H
 
 
-def _search(p: _Problem, H: np.ndarray, target: np.ndarray, k: float) -> np.ndarray:
-    """Greedy rounds of moves off the workers over their layer's target until none pays (see _best_moves).
+def _search(p: _Problem, H: np.ndarray, target: np.ndarray, goal: float, k: float) -> np.ndarray:
+    """Greedy rounds of moves off the workers over their layer's target until none pays (see _best_moves),
+    or, without groups, until balancedness is GOAL_MARGIN above `goal` (EPLB's).
 
     Each round finds, for every (layer, source worker), the best move, and applies them best first,
     skipping a move that touches a (layer, worker) an earlier move of the round touched, or needs a free
@@ -626,6 +632,8 @@ def _search(p: _Problem, H: np.ndarray, target: np.ndarray, k: float) -> np.ndar
         return H
     cost = (~p.orig).astype(float)  # [L, E, W] placing a replica here counts as one moved
     for _ in range(H.size):  # a safety net only
+        if p.groups is None and _balancedness(_worker_tokens(H, p.load)) >= goal + GOAL_MARGIN:
+            break
         moves = _best_moves(H, p.load, target, cost, p.slots, k, p.groups, p.group_k)
         if not moves:
             break
