@@ -545,78 +545,6 @@ SOURCES_PER_LAYER = 1
 SWAP_WORKERS = 8
 
 
-# The search stops once balancedness is this far above EPLB's: moves beyond it chase one window's noise.
-GOAL_MARGIN = 0.0002
-# Sources per layer and round: the workers furthest over the layer's target, each with its own best move.
-SOURCES_PER_LAYER = 1
-# Swap partners: replicas on the layer's least-loaded workers only (a swap must take load onto a light one).
-SWAP_WORKERS = 8
-
-
-# A logical expert's replica count changes only when its tokens per replica are this far from EPLB's
-# water level: counts chase the load's trend, not a window's sampling noise. Tuned on `moe-serve bench
-# placement` (see README).
-RECOUNT_MARGIN = 0.25
-
-
-def _recount(p: _Problem, H: np.ndarray, eplb_counts: np.ndarray) -> np.ndarray:
-    """Move replica counts toward EPLB's where they are far off, before the search places replicas.
-
-    The search moves one replica per (layer, worker) per round; when the hot set of a layer changes, the
-    newly hot experts need several more replicas each and the cooled ones hold spares, which would take
-    many rounds. Here, heaviest first, every logical expert whose tokens per replica exceed EPLB's water
-    level (the most tokens per replica EPLB leaves, among experts it could still replicate) by
-    RECOUNT_MARGIN gains replicas up to EPLB's count, each on the least-loaded worker of its layer with a
-    free slot. A free slot comes from the pool, else from removing a spare replica whose expert would stay
-    below the water level by the margin even with one replica fewer (the one with the fewest tokens
-    per replica then, from its busiest host).
-    """
-    H = H.copy()
-    L, E, W = H.shape
-    if W < 2:
-        return H
-    c = H.sum(2)
-    capped = eplb_counts < W
-    level = (p.load / eplb_counts)[capped].max() if capped.any() else 0.0  # EPLB's water level
-    if level == 0:
-        return H
-    need = (p.load / np.maximum(c, 1) > level * (1 + RECOUNT_MARGIN)) & (c < eplb_counts)
-    if not need.any():
-        return H
-    wl = _worker_tokens(H, p.load)  # [L, W], kept up to date below
-    used = H.sum((0, 1))
-    spare = (c > np.maximum(eplb_counts, 1)) & (p.load / np.maximum(c - 1, 1) < level * (1 - RECOUNT_MARGIN))
-    donors = [(p.load[l, y] / (c[l, y] - 1), int(l), int(y)) for l, y in zip(*np.nonzero(spare))]
-    heapq.heapify(donors)
-    adds = [(-p.load[l, x] / c[l, x], int(l), int(x)) for l, x in zip(*np.nonzero(need))]
-    heapq.heapify(adds)
-    while adds:
-        _, l, x = heapq.heappop(adds)
-        room = (used < p.slots) & ~H[l, x]
-        while not room.any() and donors:  # free a slot: the cheapest spare replica goes
-            _, ld, y = heapq.heappop(donors)
-            if c[ld, y] <= max(eplb_counts[ld, y], 1):
-                continue
-            hosts = np.flatnonzero(H[ld, y])
-            v = int(hosts[wl[ld, hosts].argmax()])
-            wl[ld, hosts] += p.load[ld, y] / (c[ld, y] * (c[ld, y] - 1))
-            wl[ld, v] -= p.load[ld, y] / (c[ld, y] - 1)
-            H[ld, y, v], used[v], c[ld, y] = False, used[v] - 1, c[ld, y] - 1
-            if c[ld, y] > max(eplb_counts[ld, y], 1) and p.load[ld, y] / (c[ld, y] - 1) < level * (1 - RECOUNT_MARGIN):
-                heapq.heappush(donors, (p.load[ld, y] / (c[ld, y] - 1), ld, y))
-            room = (used < p.slots) & ~H[l, x]
-        if not room.any():
-            break
-        w = int(np.flatnonzero(room)[wl[l, room].argmin()])
-        hosts = np.flatnonzero(H[l, x])
-        wl[l, hosts] -= p.load[l, x] / (c[l, x] * (c[l, x] + 1))
-        wl[l, w] += p.load[l, x] / (c[l, x] + 1)
-        H[l, x, w], used[w], c[l, x] = True, used[w] + 1, c[l, x] + 1
-        if c[l, x] < eplb_counts[l, x] and p.load[l, x] / c[l, x] > level * (1 + RECOUNT_MARGIN):
-            heapq.heappush(adds, (-p.load[l, x] / c[l, x], l, x))
-    return H
-
-
 def _search(p: _Problem, H: np.ndarray, target: np.ndarray, goal: float, k: float) -> np.ndarray:
     """Greedy rounds of moves off the workers over their layer's target until none pays (see _best_moves),
     or, without groups, until balancedness is GOAL_MARGIN above `goal` (EPLB's).
@@ -689,7 +617,7 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
 
     # Evictions to make room on a full worker v: per (layer, v) the spare replica whose removal costs J
     # least, over the list of spare replicas (l, y, v). Each other host of y takes load / (c (c - 1)) more.
-    rl, ry, rv = np.nonzero(H & (c > 1)[:, :, None])
+    rl, ry, rv = _nonzero(H & (c > 1)[:, :, None])
     inc = load[rl, ry] / np.maximum(c[rl, ry] * (c[rl, ry] - 1), 1)
     up = excess(wl[rl, rv] + inc, target[rl]) - ex[rl, rv]  # this host's rise if another copy left
     ups = np.bincount(rl * E + ry, weights=up, minlength=L * E)[rl * E + ry]  # summed over y's hosts
@@ -807,12 +735,17 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
 def _experts_on(H: np.ndarray) -> np.ndarray:
     """[L, E, W] hosts -> [L, W, J] the experts on each worker in each layer, padded with -1."""
     L, E, W = H.shape
-    l, w, e = np.nonzero(H.transpose(0, 2, 1))  # sorted by (layer, worker)
+    l, w, e = _nonzero(np.ascontiguousarray(H.transpose(0, 2, 1)))  # sorted by (layer, worker)
     key = l * W + w
     n = np.bincount(key, minlength=L * W)
     out = np.full((L * W, max(int(n.max()), 1)), -1)
     out[key, np.arange(key.size) - np.repeat(np.cumsum(n) - n, n)] = e
     return out.reshape(L, W, -1)
+
+
+def _nonzero(M: np.ndarray) -> tuple[np.ndarray, ...]:
+    """np.nonzero of a C-contiguous array, through its flat view: several times faster for 3-d masks."""
+    return np.unravel_index(np.flatnonzero(M), M.shape)
 
 
 # --- registry --------------------------------------------------------------------------------------
