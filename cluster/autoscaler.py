@@ -2,8 +2,10 @@
 
 The decision is a pure function of the policy, the current worker count, the
 measured load and a small hysteresis state, with the clock passed in, so it is
-tested without Ray or sleeping. Load is routed (token, expert) pairs per second
-over all workers; per worker it is that divided by the worker count.
+tested without Ray or sleeping. Load is routed tokens per second: tokens through
+the model, each counted once however many MoE layers and experts it visits (the
+controller divides (token, expert) pairs by top-k x MoE layers); per worker it is
+that divided by the worker count.
 
     above high watermark for `sustain_seconds`  -> scale out to ceil(load / midpoint), at least +1
     below low watermark for `sustain_seconds`   -> scale in to ceil(load / midpoint), at least -1
@@ -15,6 +17,7 @@ so one change does not trigger the opposite one.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, replace
 
@@ -28,9 +31,9 @@ class AutoscalingPolicy(BaseModel):
     min_workers: int = Field(1, ge=1, description="Never fewer workers than this.")
     max_workers: int = Field(8, ge=1, description="Never more workers than this.")
     high_watermark: float = Field(
-        2000.0, gt=0, description="Routed (token, expert) pairs per worker per second above which to scale out.")
+        30.0, gt=0, description="Routed tokens per worker per second above which to scale out.")
     low_watermark: float = Field(
-        200.0, ge=0, description="Routed pairs per worker per second below which to scale in.")
+        3.0, ge=0, description="Routed tokens per worker per second below which to scale in.")
     sustain_seconds: float = Field(10.0, ge=0, description="How long a watermark must stay crossed before acting.")
     cooldown_seconds: float = Field(30.0, ge=0, description="Least time between two changes of the worker count.")
     interval_seconds: float = Field(2.0, gt=0, description="How often the controller evaluates the policy.")
@@ -43,6 +46,18 @@ class AutoscalingPolicy(BaseModel):
             raise ValueError(
                 f"low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})")
         return self
+
+
+class PlanChangeReason(str, enum.Enum):
+    """Why the placement plan changed: the `reason` label of moe_serve_rebalances_total and of the
+    controller's plan events (free-text detail is kept beside it, never in the label)."""
+
+    MANUAL = "manual"  # a Rebalance call
+    AUTO_BALANCEDNESS = "auto-balancedness"  # balancedness fell below rebalance_below_balancedness
+    SCALE_OUT = "scale-out"  # load above the high watermark
+    SCALE_IN = "scale-in"  # load below the low watermark
+    BOUNDS = "bounds"  # the worker count left [min_workers, max_workers] (e.g. the policy changed)
+    WORKER_FAILURE = "worker-failure"  # a dead worker replaced with the same replicas
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,8 @@ class ScalingState:
 class Decision:
     workers: int
     state: ScalingState
-    reason: str  # "" when holding
+    reason: PlanChangeReason | None = None  # None when holding
+    detail: str = ""  # for logs and plan events
 
 
 def desired_workers(policy: AutoscalingPolicy, workers: int, load_per_second: float, state: ScalingState,
@@ -70,19 +86,22 @@ def desired_workers(policy: AutoscalingPolicy, workers: int, load_per_second: fl
                     below_since=(state.below_since if state.below_since is not None else now) if below else None)
     clamp = lambda n: max(policy.min_workers, min(policy.max_workers, n))  # noqa: E731
     if workers != clamp(workers):  # outside the bounds (e.g. the policy changed): fix at once
-        return Decision(clamp(workers), replace(state, last_change=now), "bounds")
+        return Decision(clamp(workers), replace(state, last_change=now), PlanChangeReason.BOUNDS,
+                        f"{workers} workers outside [{policy.min_workers}, {policy.max_workers}]")
     if not policy.enabled:
-        return Decision(workers, state, "")
+        return Decision(workers, state)
     if state.last_change is not None and now - state.last_change < policy.cooldown_seconds:
-        return Decision(workers, state, "")
+        return Decision(workers, state)
     midpoint = (policy.high_watermark + policy.low_watermark) / 2
     target = math.ceil(load_per_second / midpoint) if midpoint else workers
     if above and now - state.above_since >= policy.sustain_seconds:
         n = clamp(max(target, workers + 1))
         if n != workers:
-            return Decision(n, ScalingState(last_change=now), f"scale-out: {per_worker:.0f} pairs/s per worker")
+            return Decision(n, ScalingState(last_change=now), PlanChangeReason.SCALE_OUT,
+                            f"{per_worker:.1f} tokens/s per worker")
     if below and now - state.below_since >= policy.sustain_seconds:
         n = clamp(min(max(target, 1), workers - 1))
         if n != workers:
-            return Decision(n, ScalingState(last_change=now), f"scale-in: {per_worker:.0f} pairs/s per worker")
-    return Decision(workers, state, "")
+            return Decision(n, ScalingState(last_change=now), PlanChangeReason.SCALE_IN,
+                            f"{per_worker:.1f} tokens/s per worker")
+    return Decision(workers, state)

@@ -142,8 +142,9 @@ def print_status(args) -> int:
     placement, load = both
     tokens = {w.worker_id: w.tokens for w in load.workers}
     print(f"plan version {placement.plan_version}   workers {len(placement.workers)}   "
-          f"balancedness {load.balancedness:.3f} (mean/max tokens per worker, window {load.window_seconds:.0f} s)")
-    print(f"{'worker':<18}{'state':<10}{'device':<14}{'replicas':>9}{'tokens':>10}")
+          f"balancedness {load.balancedness:.3f} (per MoE layer mean / max tokens per worker, summed over layers; "
+          f"window {load.window_seconds:.0f} s)")
+    print(f"{'worker':<18}{'state':<10}{'device':<14}{'replicas':>9}{'pairs':>10}")
     for w in placement.workers:
         state = admin_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
         print(f"{w.actor_name:<18}{state:<10}{w.device[:13]:<14}{len(w.replicas):>9}{tokens.get(w.worker_id, 0):>10}")
@@ -170,6 +171,10 @@ def _admin_call(args, call):
 def rebalance(args) -> int:
     r = _admin_call(args, lambda stub: stub.Rebalance(admin_pb2.RebalanceRequest(reason=args.reason), timeout=600))
     if r is None:
+        return 1
+    if r.dropped:
+        print(f"plan v{r.old_plan_version} kept: the new plan took longer than the plan deadline to compute and "
+              f"was dropped (its load was stale); try again", file=sys.stderr)
         return 1
     if r.new_plan_version == r.old_plan_version:
         print(f"plan v{r.old_plan_version} kept: no better placement for the current load "

@@ -13,8 +13,11 @@ the plan live:
     autoscale: every `interval_seconds` the policy (cluster.autoscaler) turns
       routed load per worker into a worker count; a change is a rebalance.
 
-Concurrency: a Ray async actor; every method runs on the actor's event loop.
-`_plan_lock` serialises plan changes, so `plan` is only replaced under it.
+Concurrency: a Ray async actor; every method runs on the actor's event loop,
+except the planner call, which runs on a worker thread (`_compute_plan`) so
+that admin calls answer while a plan is computed. `_plan_lock` serialises plan
+changes, so `plan` is only replaced under it; an automatic evaluation that finds
+it held skips its turn instead of queueing behind it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.autoscaler import AutoscalingPolicy, ScalingState, desired_workers
+from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason, ScalingState, desired_workers
 from cluster.planner import (PlannerInput, balancedness, expert_groups, initial_plan, plan_change, worker_load,
                              worker_name)
 from cluster.planner import plan as make_plan
@@ -58,6 +62,16 @@ class Controller:
         self.ports: list[int] = []
         self.events: list[dict] = []  # every plan change with its reason, for status and tests
         self._plan_lock = asyncio.Lock()
+        # Worker states other than READY, by worker id: DRAINING while a rollout removes the worker, DEAD
+        # from a failure report until its replacement is in the plan. `starting`: workers a rollout is
+        # starting, not yet in the plan (STARTING). Both are changed on the event loop only.
+        self.worker_states: dict[int, int] = {}
+        self.starting: dict[int, WorkerPlacement] = {}
+        self.plan_deadline_seconds = self.settings.plan_deadline_seconds or self.settings.load_window_seconds
+        # Set while the planner runs on its thread; cleared `_planning_hold` parks it (hold_planning).
+        self._planning = threading.Event()
+        self._planning_hold = threading.Event()
+        self._planning_hold.set()
         self._scaling = ScalingState()
         self._last_rebalance = 0.0
         self._loop_task: asyncio.Task | None = None
@@ -136,59 +150,104 @@ class Controller:
 
     # --- plan changes ------------------------------------------------------------------------
 
-    async def rebalance(self, reason: str, num_workers: int | None = None) -> dict:
-        """Plan v+1 from the current load (and worker count) and roll it out; returns the change record."""
+    async def rebalance(self, reason: PlanChangeReason, detail: str = "", num_workers: int | None = None) -> dict:
+        """Plan v+1 from the current load (and worker count) and roll it out; returns the change record.
+
+        A plan that takes longer than `plan_deadline_seconds` to compute is dropped: the load it was
+        planned from is stale by then, and the next evaluation plans from fresh load."""
         async with self._plan_lock:
             old = self.plan
             load = await self.load()
             target = num_workers or len(old.workers)
             drain = frozenset(w.worker_id for w in old.workers[target:]) if target < len(old.workers) else frozenset()
-            # The planner takes seconds at full scale: off the event loop, so admin calls keep answering.
-            new = await asyncio.to_thread(make_plan, self.settings.placement_policy, PlannerInput(
+            # Planning runs in a worker thread, so admin calls keep answering on the event loop meanwhile.
+            began = time.monotonic()
+            new = await asyncio.to_thread(self._compute_plan, PlannerInput(
                 load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
                     len(self.spec.logical_experts) / target)),
                 expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
                 drain=drain, groups=expert_groups(self.spec)))
-            record = {"reason": reason, "old_version": old.version, "new_version": new.version,
-                      "balancedness_before": balancedness(old, load), "balancedness_after": balancedness(new, load),
-                      "bytes_moved": 0, "workers_before": len(old.workers), "workers_after": len(new.workers),
-                      "seconds": 0.0}
+            planning = time.monotonic() - began
+            record = {"reason": reason.value, "detail": detail, "old_version": old.version,
+                      "new_version": new.version, "balancedness_before": balancedness(old, load),
+                      "balancedness_after": balancedness(new, load), "bytes_moved": 0,
+                      "workers_before": len(old.workers), "workers_after": len(new.workers),
+                      "planning_seconds": planning, "seconds": 0.0, "dropped": False}
+            if planning > self.plan_deadline_seconds:
+                record.update(new_version=old.version, balancedness_after=record["balancedness_before"], dropped=True)
+                self.events.append(record)
+                self.metrics.plan_dropped(reason.value)
+                log.warning("plan for %s (%s) took %.1f s, over its %.1f s deadline: dropped, plan v%d stays",
+                            reason.value, detail, planning, self.plan_deadline_seconds, old.version)
+                return record
             if new is old:
                 return record
             started = time.perf_counter()
             change = plan_change(old, new, self.expert_bytes)
             record["bytes_moved"] = change.bytes_moved
+            leaving = [w.worker_id for w in old.workers if w.worker_id not in {n.worker_id for n in new.workers}]
+            self.worker_states.update({wid: admin_pb2.WORKER_STATE_DRAINING for wid in leaving})
             # 1-2. new workers start with their replicas; existing ones load additions; serving continues.
             fresh = [w for w in new.workers if w.worker_id not in self.workers]
-            await self._start_workers(fresh)
-            await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
-                                   for wid, added in change.added.items() if wid not in {w.worker_id for w in fresh}])
-            # 3. every router switches at a step boundary and acknowledges.
-            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            record.update(started=[w.worker_id for w in fresh], drained=leaving)
+            self.starting.update({w.worker_id: w for w in fresh})
+            try:
+                await self._start_workers(fresh)
+                await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
+                                       for wid, added in change.added.items()
+                                       if wid not in {w.worker_id for w in fresh}])
+                # 3. every router switches at a step boundary and acknowledges.
+                await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            finally:
+                for w in fresh:
+                    self.starting.pop(w.worker_id, None)
             self.plan = new
             # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
-            leaving = [wid for wid in self.workers if wid not in {w.worker_id for w in new.workers}]
             await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
                                    for wid, removed in change.removed.items() if wid not in leaving])
             for wid in leaving:
                 ray.kill(self.workers.pop(wid))
                 self.worker_info.pop(wid, None)
+                self.worker_states.pop(wid, None)
             record["seconds"] = time.perf_counter() - started
             self.events.append(record)
             self._last_rebalance = time.monotonic()
             self.metrics.plan(new)
-            self.metrics.rebalanced(reason.split(":")[0])
-            log.info("plan v%d -> v%d (%s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in %.2f s",
-                     old.version, new.version, reason, len(old.workers), len(new.workers),
-                     record["balancedness_before"], record["balancedness_after"], record["bytes_moved"],
-                     record["seconds"])
+            self.metrics.rebalanced(reason.value)
+            log.info("plan v%d -> v%d (%s: %s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in "
+                     "%.2f s (planned in %.2f s)", old.version, new.version, reason.value, detail, len(old.workers),
+                     len(new.workers), record["balancedness_before"], record["balancedness_after"],
+                     record["bytes_moved"], record["seconds"], planning)
             return record
+
+    def _compute_plan(self, inp: PlannerInput) -> PlacementPlan:
+        """The planner call, on a worker thread (see rebalance). `hold_planning` parks it here."""
+        self._planning.set()
+        try:
+            self._planning_hold.wait()
+            return make_plan(self.settings.placement_policy, inp)
+        finally:
+            self._planning.clear()
+
+    # Instrumentation for tests: park the next plan computation until released, so that what the
+    # controller does while it plans can be observed without timing.
+    def hold_planning(self) -> None:
+        self._planning_hold.clear()
+
+    def release_planning(self) -> None:
+        self._planning_hold.set()
+
+    def planning(self) -> bool:
+        """Whether a plan is being computed now."""
+        return self._planning.is_set()
 
     async def worker_failed(self, worker_id: int) -> None:
         """A router saw `worker_id` fail: replace it with a new worker hosting the same replicas.
 
         Routers re-run the failed pairs on other replicas meanwhile, and wait for this plan
-        where the dead worker held the only replica."""
+        where the dead worker held the only replica. The dead worker is reported DEAD until then."""
+        if any(w.worker_id == worker_id for w in self.plan.workers):
+            self.worker_states[worker_id] = admin_pb2.WORKER_STATE_DEAD
         async with self._plan_lock:
             old = self.plan
             lost = next((w for w in old.workers if w.worker_id == worker_id), None)
@@ -199,17 +258,24 @@ class Controller:
             self.worker_info.pop(worker_id, None)
             new_id = max([w.worker_id for w in old.workers] + list(self.workers)) + 1
             replacement = WorkerPlacement(new_id, worker_name(new_id), lost.replicas)
-            await self._start_workers([replacement])
+            self.starting[new_id] = replacement
+            try:
+                await self._start_workers([replacement])
+            finally:
+                self.starting.pop(new_id, None)
             workers = tuple(replacement if w.worker_id == worker_id else w for w in old.workers)
             new = PlacementPlan(old.version + 1, old.num_experts, old.moe_layers, workers)
             await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers], return_exceptions=True)
             self.plan = new
-            record = {"reason": f"worker {worker_id} failed", "old_version": old.version, "new_version": new.version,
-                      "bytes_moved": len(lost.replicas) * self.expert_bytes, "workers_before": len(old.workers),
-                      "workers_after": len(new.workers), "seconds": time.perf_counter() - started}
+            self.worker_states.pop(worker_id, None)
+            reason = PlanChangeReason.WORKER_FAILURE
+            record = {"reason": reason.value, "detail": f"worker {worker_id} failed", "old_version": old.version,
+                      "new_version": new.version, "bytes_moved": len(lost.replicas) * self.expert_bytes,
+                      "workers_before": len(old.workers), "workers_after": len(new.workers),
+                      "seconds": time.perf_counter() - started, "dropped": False}
             self.events.append(record)
             self.metrics.plan(new)
-            self.metrics.rebalanced("worker-failure")
+            self.metrics.rebalanced(reason.value)
             log.warning("expert worker %d failed: replaced by %d with its %d replicas in %.2f s (plan v%d)",
                         worker_id, new_id, len(lost.replicas), record["seconds"], new.version)
 
@@ -243,7 +309,8 @@ class Controller:
         s, policy = self.settings, self.policy
         rate_window = max(policy.interval_seconds, policy.sustain_seconds, 1.0)
         recent = await self.load(rate_window)
-        rate = sum(recent.values()) / rate_window  # routed (token, expert) pairs per second
+        # Routed tokens per second: each token visits top_k experts in every MoE layer.
+        rate = sum(recent.values()) / rate_window / (self.spec.moe.top_k * len(self.spec.moe_layers))
         min_workers = max(policy.min_workers, math.ceil(len(self.spec.logical_experts) / self.slots_per_worker))
         bounded = policy.model_copy(update={"min_workers": min(min_workers, policy.max_workers)})
         decision = desired_workers(bounded, len(self.plan.workers), rate, self._scaling, time.monotonic())
@@ -252,23 +319,30 @@ class Controller:
         self.metrics.plan(self.plan)  # gauges set only on change would expire in Ray's exporter: refresh them
         self.metrics.load(balancedness(self.plan, window),
                           {str(w): t / s.load_window_seconds for w, t in worker_load(self.plan, window).items()})
+        if self._plan_lock.locked():  # a plan change is under way: this evaluation's load would be stale
+            return
         if decision.workers != len(self.plan.workers):
-            await self.rebalance(decision.reason or "bounds", decision.workers)
+            await self.rebalance(decision.reason or PlanChangeReason.BOUNDS, decision.detail, decision.workers)
             return
         threshold = s.rebalance_below_balancedness
         if (threshold and sum(window.values()) >= s.rebalance_min_tokens
                 and time.monotonic() - self._last_rebalance >= policy.cooldown_seconds
                 and balancedness(self.plan, window) < threshold):
-            await self.rebalance(f"auto: balancedness below {threshold}")
+            await self.rebalance(PlanChangeReason.AUTO_BALANCEDNESS, f"balancedness below {threshold}")
 
     # --- ClusterAdmin --------------------------------------------------------------------------
 
     def placement(self) -> admin_pb2.Placement:
+        """The plan in force, each worker with its state, then the workers a rollout is starting (STARTING,
+        with the replicas they will host)."""
         msg = admin_pb2.Placement(plan_version=self.plan.version)
-        for w in self.plan.workers:
+        starting = [w for wid, w in sorted(self.starting.items()) if wid not in {p.worker_id for p in self.plan.workers}]
+        for w in [*self.plan.workers, *starting]:
             info = self.worker_info.get(w.worker_id, {})
+            state = (admin_pb2.WORKER_STATE_STARTING if w.worker_id in self.starting
+                     else self.worker_states.get(w.worker_id, admin_pb2.WORKER_STATE_READY))
             msg.workers.add(worker_id=str(w.worker_id), actor_name=w.name, node_id=info.get("node_id", ""),
-                            device=info.get("device", ""), state=admin_pb2.WORKER_STATE_READY,
+                            device=info.get("device", ""), state=state,
                             replicas=[admin_pb2.ExpertRef(layer=l, expert=e) for l, e in w.replicas])
         return msg
 
@@ -298,11 +372,11 @@ class Controller:
             return (await self.expert_load()).SerializeToString()
         if method == "Rebalance":
             request = admin_pb2.RebalanceRequest.FromString(payload)
-            r = await self.rebalance(f"manual: {request.reason}" if request.reason else "manual")
+            r = await self.rebalance(PlanChangeReason.MANUAL, request.reason)
             return admin_pb2.RebalanceResponse(
                 old_plan_version=r["old_version"], new_plan_version=r["new_version"],
                 balancedness_before=r["balancedness_before"], balancedness_after=r["balancedness_after"],
-                bytes_moved=r["bytes_moved"]).SerializeToString()
+                bytes_moved=r["bytes_moved"], dropped=r["dropped"]).SerializeToString()
         if method == "GetAutoscalingPolicy":
             return self._policy_message().SerializeToString()
         if method == "SetAutoscalingPolicy":

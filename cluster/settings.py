@@ -49,6 +49,9 @@ class ClusterSettings(BaseSettings):
         None, ge=1, description="torch threads in each router process; default: every CPU of its node (a router "
         "computes while its workers wait for its tokens, and waits while they compute).")
     load_window_seconds: float = Field(60.0, gt=0, description="Sliding window of routing-load telemetry.")
+    plan_deadline_seconds: float | None = Field(
+        None, gt=0, description="A plan that takes longer than this to compute is dropped, not rolled out: the "
+                                "load it was planned from is stale by then (default: load_window_seconds).")
     start_timeout_seconds: float = Field(300.0, gt=0, description="How long actors may take to start and load.")
     autoscaling: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy,
                                            description="Worker autoscaling policy (off by default).")

@@ -76,12 +76,18 @@ class ControllerMetrics:
     def __init__(self):
         m = _metrics()
         self.workers = m.Gauge("moe_serve_workers", "Expert workers in the current plan.")
-        self.balancedness = m.Gauge("moe_serve_balancedness", "Mean / max tokens per worker (1.0 is perfect).")
+        self.balancedness = m.Gauge(
+            "moe_serve_balancedness", "Sum over MoE layers of mean tokens per worker / sum over layers of the max "
+            "(each layer waits for its busiest worker; 1.0 is perfect).")
         self.plan_version = m.Gauge("moe_serve_plan_version", "Version of the placement plan routers use.")
-        self.rebalances = m.Counter("moe_serve_rebalances_total", "Plan changes, by reason.", tag_keys=("reason",))
+        self.rebalances = m.Counter("moe_serve_rebalances_total", "Plan changes, by reason (PlanChangeReason).",
+                                    tag_keys=("reason",))
+        self.plans_dropped = m.Counter("moe_serve_plans_dropped_total",
+                                       "Plans dropped because computing them outlived plan_deadline_seconds.",
+                                       tag_keys=("reason",))
         self.replicas = m.Gauge("moe_serve_expert_replicas", "Replicas of a logical expert.",
                                 tag_keys=("layer", "expert"))
-        self.worker_rate = m.Gauge("moe_serve_worker_tokens_per_second", "Routed tokens per second a worker runs.",
+        self.worker_rate = m.Gauge("moe_serve_worker_tokens_per_second", "Routed (token, expert) pairs per second a worker runs, all MoE layers summed.",
                                    tag_keys=("worker",))
 
     def plan(self, plan) -> None:
@@ -97,3 +103,6 @@ class ControllerMetrics:
 
     def rebalanced(self, reason: str) -> None:
         self.rebalances.inc(1, {"reason": reason})
+
+    def plan_dropped(self, reason: str) -> None:
+        self.plans_dropped.inc(1, {"reason": reason})

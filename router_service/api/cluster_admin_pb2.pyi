@@ -102,18 +102,20 @@ class RebalanceRequest(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
-    __slots__ = ("old_plan_version", "new_plan_version", "balancedness_before", "balancedness_after", "bytes_moved")
+    __slots__ = ("old_plan_version", "new_plan_version", "balancedness_before", "balancedness_after", "bytes_moved", "dropped")
     OLD_PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     NEW_PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     old_plan_version: int
     new_plan_version: int
     balancedness_before: float
     balancedness_after: float
     bytes_moved: int
-    def __init__(self, old_plan_version: _Optional[int] = ..., new_plan_version: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., bytes_moved: _Optional[int] = ...) -> None: ...
+    dropped: bool
+    def __init__(self, old_plan_version: _Optional[int] = ..., new_plan_version: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., bytes_moved: _Optional[int] = ..., dropped: _Optional[bool] = ...) -> None: ...
 
 class GetAutoscalingPolicyRequest(_message.Message):
     __slots__ = ()

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from cluster.autoscaler import AutoscalingPolicy
+from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason
 from cluster.controller import start_cluster, stop_cluster
 from cluster.settings import ClusterSettings
 from router_service.api import cluster_admin_pb2 as admin_pb2
@@ -33,7 +33,7 @@ PROMPTS = [[5, 17, 300, 42], [7], [1000, 2000, 3000, 4000, 5000, 6000], [9, 9, 9
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model):
     settings = ClusterSettings(model=tiny_model, num_workers=2, port=0, engine=ENGINE, load_window_seconds=600,
-                               rebalance_below_balancedness=None, migration_weight=0.05,
+                               rebalance_below_balancedness=None, migration_weight=0.05, plan_deadline_seconds=3,
                                autoscaling=AutoscalingPolicy(interval_seconds=0.5))
     controller, ports = start_cluster(settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
@@ -95,7 +95,8 @@ def test_skewed_load_rebalances_and_outputs_stay_identical(cluster, expected):
     # the recorded balancedness is what the load now gives on the new plan
     assert admin.GetExpertLoad(admin_pb2.GetExpertLoadRequest()).balancedness >= 0.8
     events = __import__("ray").get(controller.plan_events.remote())
-    assert events[-1]["reason"] == "manual: test skew" and events[-1]["bytes_moved"] == response.bytes_moved
+    assert (events[-1]["reason"], events[-1]["detail"]) == ("manual", "test skew")
+    assert events[-1]["bytes_moved"] == response.bytes_moved and not events[-1]["dropped"]
 
 
 def _stream_all(stub, prompts, max_tokens, results, errors):
@@ -122,13 +123,13 @@ def test_streams_run_through_scale_out_and_scale_in(cluster, tiny_model):
     results, errors = [None] * len(PROMPTS), []
     threads = _stream_all(stub, PROMPTS, 60, results, errors)
     time.sleep(0.5)  # streams are decoding
-    out = ray.get(controller.rebalance.remote("test scale-out", 3))
-    assert out["workers_after"] == 3
+    out = ray.get(controller.rebalance.remote(PlanChangeReason.SCALE_OUT, "test", 3))
+    assert out["workers_after"] == 3 and out["started"] == [2] and out["drained"] == []
     placement = admin.GetPlacement(admin_pb2.GetPlacementRequest())
     assert [w.actor_name for w in placement.workers][-1] == "expert-worker-2"
     assert len(placement.workers) == 3 and all(w.replicas for w in placement.workers)
-    back = ray.get(controller.rebalance.remote("test scale-in", 2))
-    assert back["workers_after"] == 2
+    back = ray.get(controller.rebalance.remote(PlanChangeReason.SCALE_IN, "test", 2))
+    assert back["workers_after"] == 2 and back["started"] == [] and back["drained"] == [2]
     for t in threads:
         t.join(timeout=180)
     assert errors == []
@@ -143,7 +144,7 @@ def test_autoscaling_policy_scales_out_under_load(cluster):
     controller, stub, admin = cluster
     policy = admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest())
     workers_before = len(admin.GetPlacement(admin_pb2.GetPlacementRequest()).workers)
-    # any traffic is "hot": 1 pair/s per worker is above the high watermark
+    # any traffic is "hot": 1 routed token/s per worker is above the high watermark
     policy.enabled, policy.min_workers, policy.max_workers = True, 2, workers_before + 1
     policy.high_watermark_tokens_per_worker_per_second, policy.low_watermark_tokens_per_worker_per_second = 1.0, 0.5
     policy.cooldown_seconds = 0
@@ -168,3 +169,40 @@ def test_invalid_autoscaling_policy_is_rejected(cluster):
         admin.SetAutoscalingPolicy(bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_workers" in err.value.details()
+
+
+def test_admin_answers_while_a_plan_is_computed_and_a_late_plan_is_dropped(cluster):
+    """The planner runs beside the controller's event loop: with the plan computation parked (an
+    instrumented hold, not a timing), admin calls still answer; a plan that outlives the deadline
+    (3 s in this cluster's settings) is dropped and nothing changes."""
+    controller, stub, admin = cluster
+    ray = __import__("ray")
+
+    def held_rebalance(reason):
+        ray.get(controller.hold_planning.remote())
+        future = admin.Rebalance.future(admin_pb2.RebalanceRequest(reason=reason), timeout=120)
+        deadline = time.monotonic() + 60
+        while not ray.get(controller.planning.remote()):
+            assert time.monotonic() < deadline, "the plan computation never started"
+            time.sleep(0.05)
+        return future
+
+    future = held_rebalance("held")
+    try:
+        version = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30).plan_version
+        assert admin.GetExpertLoad(admin_pb2.GetExpertLoadRequest(), timeout=30).plan_version == version
+        assert admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), timeout=30).max_workers >= 1
+        assert ray.get(controller.planning.remote())  # still parked: the answers came while it planned
+    finally:
+        ray.get(controller.release_planning.remote())
+    assert not future.result().dropped
+
+    future = held_rebalance("late")
+    time.sleep(3.5)  # past the plan deadline
+    ray.get(controller.release_planning.remote())
+    late = future.result()
+    assert late.dropped and late.new_plan_version == late.old_plan_version
+    assert admin.GetPlacement(admin_pb2.GetPlacementRequest()).plan_version == late.old_plan_version
+    assert late.old_plan_version >= version
+    event = ray.get(controller.plan_events.remote())[-1]
+    assert (event["reason"], event["detail"], event["dropped"]) == ("manual", "late", True)

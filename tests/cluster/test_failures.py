@@ -92,7 +92,7 @@ def test_killed_worker_loses_no_request(cluster, expected):
     names = [w.actor_name for w in placement.workers]
     assert "expert-worker-0" not in names and len(names) == 2 and placement.plan_version >= 2
     events = ray.get(controller.plan_events.remote())
-    assert any(e["reason"] == "worker 0 failed" for e in events)
+    assert any((e["reason"], e["detail"]) == ("worker-failure", "worker 0 failed") for e in events)
 
 
 def test_killed_router_restarts_and_serves_again(cluster):

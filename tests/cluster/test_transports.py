@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 
+from cluster.autoscaler import PlanChangeReason
 from cluster.controller import start_cluster, stop_cluster
 from cluster.settings import NAMESPACE, ClusterSettings
 from router_service.api import generation_pb2 as pb2
@@ -65,7 +66,7 @@ def test_transport_matches_the_single_process_engine(ray_session, tiny_model, ex
             assert [list(f.result().token_ids) for f in futures] == expected[10]
             assert time.monotonic() - started < 20  # a stale reply would hold the next step for the 60 s timeout
         assert ray.get(controller.router_stats.remote())[0]["recoveries"] == []
-        assert not [e for e in ray.get(controller.plan_events.remote()) if "failed" in e["reason"]]
+        assert not [e for e in ray.get(controller.plan_events.remote()) if e["reason"] == "worker-failure"]
     finally:
         stop_cluster(controller)
 
@@ -144,10 +145,10 @@ def test_endpoints_follow_scale_out_and_scale_in_under_load(ray_session, tiny_mo
         for t in threads:
             t.start()
         time.sleep(0.5)  # streams are decoding
-        assert ray.get(controller.rebalance.remote("test scale-out", 3))["workers_after"] == 3
+        assert ray.get(controller.rebalance.remote(PlanChangeReason.SCALE_OUT, "test", 3))["workers_after"] == 3
         if collective:
             assert open_links(ray, controller) == {"expert-worker-0": 1, "expert-worker-1": 1, "expert-worker-2": 1}
-        back = ray.get(controller.rebalance.remote("test scale-in", 2))
+        back = ray.get(controller.rebalance.remote(PlanChangeReason.SCALE_IN, "test", 2))
         assert back["workers_after"] == 2
         for t in threads:
             t.join(timeout=180)

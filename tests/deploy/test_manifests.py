@@ -43,6 +43,7 @@ METRICS = {
     "ray_moe_serve_balancedness": (),  # gauge
     "ray_moe_serve_plan_version": (),  # gauge
     "ray_moe_serve_rebalances_total": ("reason",),  # counter
+    "ray_moe_serve_plans_dropped_total": ("reason",),  # counter
     "ray_moe_serve_requests_total": ("code",),  # counter
     "ray_moe_serve_queue_depth": ("router",),  # gauge
     "ray_moe_serve_kv_slots_used": ("router",),  # gauge

@@ -203,6 +203,7 @@ CLUSTER_ADMIN_MESSAGES = {
         "balancedness_before": (3, "double"),
         "balancedness_after": (4, "double"),
         "bytes_moved": (5, "uint64"),
+        "dropped": (6, "bool"),
     },
     "GetAutoscalingPolicyRequest": {},
     "AutoscalingPolicy": {
