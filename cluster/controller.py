@@ -198,6 +198,10 @@ class Controller:
                                        if wid not in {w.worker_id for w in fresh}])
                 # 3. every router switches at a step boundary and acknowledges.
                 await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            except BaseException:  # the rollout failed: the old plan stays, and so do its workers
+                for wid in leaving:
+                    self.worker_states.pop(wid, None)
+                raise
             finally:
                 for w in fresh:
                     self.starting.pop(w.worker_id, None)
@@ -206,7 +210,8 @@ class Controller:
             await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
                                    for wid, removed in change.removed.items() if wid not in leaving])
             for wid in leaving:
-                ray.kill(self.workers.pop(wid))
+                if (handle := self.workers.pop(wid, None)) is not None:
+                    ray.kill(handle)
                 self.worker_info.pop(wid, None)
                 self.worker_states.pop(wid, None)
             record["seconds"] = time.perf_counter() - started
