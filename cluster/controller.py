@@ -310,12 +310,16 @@ class Controller:
             except Exception:  # a failed evaluation must not stop the next one
                 log.exception("control loop evaluation failed")
 
+    def _routed_tokens(self, load: dict[tuple[int, int], int]) -> float:
+        """Tokens through the model in `load`, which counts (token, expert) pairs: each token visits top_k
+        experts in every MoE layer. The unit of the watermarks and of rebalance_min_tokens."""
+        return sum(load.values()) / (self.spec.moe.top_k * len(self.spec.moe_layers))
+
     async def _evaluate(self) -> None:
         s, policy = self.settings, self.policy
         rate_window = max(policy.interval_seconds, policy.sustain_seconds, 1.0)
         recent = await self.load(rate_window)
-        # Routed tokens per second: each token visits top_k experts in every MoE layer.
-        rate = sum(recent.values()) / rate_window / (self.spec.moe.top_k * len(self.spec.moe_layers))
+        rate = self._routed_tokens(recent) / rate_window
         min_workers = max(policy.min_workers, math.ceil(len(self.spec.logical_experts) / self.slots_per_worker))
         bounded = policy.model_copy(update={"min_workers": min(min_workers, policy.max_workers)})
         decision = desired_workers(bounded, len(self.plan.workers), rate, self._scaling, time.monotonic())
@@ -330,7 +334,7 @@ class Controller:
             await self.rebalance(decision.reason or PlanChangeReason.BOUNDS, decision.detail, decision.workers)
             return
         threshold = s.rebalance_below_balancedness
-        if (threshold and sum(window.values()) >= s.rebalance_min_tokens
+        if (threshold and self._routed_tokens(window) >= s.rebalance_min_tokens
                 and time.monotonic() - self._last_rebalance >= policy.cooldown_seconds
                 and balancedness(self.plan, window) < threshold):
             await self.rebalance(PlanChangeReason.AUTO_BALANCEDNESS, f"balancedness below {threshold}")

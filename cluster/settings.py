@@ -65,7 +65,8 @@ class ClusterSettings(BaseSettings):
     rebalance_below_balancedness: float | None = Field(
         0.75, gt=0, le=1, description="Rebalance automatically when balancedness falls below this (None: only on request).")
     rebalance_min_tokens: int = Field(
-        2000, ge=0, description="Least routed tokens in the window before an automatic rebalance (avoids noise).")
+        300, ge=0, description="Least routed tokens (tokens through the model) in the window before an automatic "
+                               "rebalance (avoids noise).")
     # Security of the routers' gRPC servers (router_service.security). Files are read by each router, so they
     # must exist at the same path on every node that runs one (a mounted Kubernetes Secret, say).
     tls_cert_file: str | None = Field(
