@@ -559,13 +559,11 @@ def _search(p: _Problem, H: np.ndarray, target: np.ndarray, goal: float, k: floa
     if H.shape[2] < 2:
         return H
     cost = (~p.orig).astype(float)  # [L, E, W] placing a replica here counts as one moved
+    stop_at = goal + GOAL_MARGIN if p.groups is None else np.inf  # with groups J also counts their spread
     for _ in range(H.size):  # a safety net only
-        if p.groups is None and _balancedness(_worker_tokens(H, p.load)) >= goal + GOAL_MARGIN:
-            break
-        moves = _best_moves(H, p.load, target, cost, p.slots, k, p.groups, p.group_k)
+        moves, used = _best_moves(H, p.load, target, cost, p.slots, k, p.groups, p.group_k, stop_at)
         if not moves:
             break
-        used = H.sum((0, 1))
         touched: set[tuple[int, int]] = set()
         for _, cells, changes in moves:
             delta = np.zeros_like(used)
@@ -580,10 +578,11 @@ def _search(p: _Problem, H: np.ndarray, target: np.ndarray, goal: float, k: floa
     return H
 
 
-def _best_moves(H, load, target, cost, slots, k, groups, gk):
+def _best_moves(H, load, target, cost, slots, k, groups, gk, stop_at=np.inf):
     """For each layer and each source worker u over the layer's target (the busiest one where none is),
-    the best move off u: [(value, (layer, worker) cells touched, [(H index, new value)])], best first;
-    sources with no move that pays are left out.
+    the best move off u: ([(value, (layer, worker) cells touched, [(H index, new value)])] best first,
+    [W] slots taken); sources with no move that pays are left out, and there are none once balancedness
+    reaches `stop_at`.
 
       move    a replica of x from u to w
       add     a replica of x (on u) on w; x's tokens then split over one more replica
@@ -604,8 +603,11 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
     wl = np.einsum("lew,le->lw", H, a)  # [L, W] tokens per worker per layer
     ex = np.maximum(wl - target[:, None], 0)  # [L, W] excess over the layer's target
     S, Tm = wl.max(1).sum(), wl.mean(1).sum()
+    used = H.sum((0, 1))  # [W] slots taken
+    if S == 0 or Tm / S >= stop_at:
+        return [], used
     rate = Tm / (S * S)  # J per token off the summed maxima
-    free = H.sum((0, 1)) < slots  # [W]
+    free = used < slots  # [W]
     G = H.reshape(L, groups, E // groups, W).sum(2) if groups is not None else None  # [L, G, W] group replicas
     gx = np.arange(E) // (E // groups) if groups is not None else np.zeros(E, dtype=int)
 
@@ -641,7 +643,7 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
     is_src[:, 0] |= groups is not None  # with groups, a layer at its target may still gather its groups
     pl, m = np.nonzero(is_src)
     if pl.size == 0:
-        return []
+        return [], used
     pu = by_excess[pl, m]
     P = pl.size
     p2, p3 = pl[:, None], pl[:, None, None]
@@ -680,8 +682,7 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
     # swap x on u with y on w, w among the layer's lightest workers: [P, K, T, J] over the J replicas on w
     T = min(SWAP_WORKERS, W)
     light = np.argsort(wl_p, axis=1, kind="stable")[:, :T]  # [P, T]
-    on_w = _experts_on(H)  # [L, W, J] experts on each worker, -1 padded
-    ys = on_w[p2, light]  # [P, T, J]
+    ys = _members(H[p2, :, light])  # [P, T, J] the experts on each light worker, -1 padded
     yok = ys >= 0
     ys = np.maximum(ys, 0)
     ay = a[p3, ys]  # [P, T, J]
@@ -729,18 +730,17 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk):
         for (ln, e, _), _ in changes if kinds[kind] != "swap" else ():
             cells |= {(ln, int(wn)) for wn in np.flatnonzero(H[ln, e])}
         out.append((float(top[kind, i]), cells, changes))
-    return sorted(out, key=lambda t: -t[0])
+    return sorted(out, key=lambda t: -t[0]), used
 
 
-def _experts_on(H: np.ndarray) -> np.ndarray:
-    """[L, E, W] hosts -> [L, W, J] the experts on each worker in each layer, padded with -1."""
-    L, E, W = H.shape
-    l, w, e = _nonzero(np.ascontiguousarray(H.transpose(0, 2, 1)))  # sorted by (layer, worker)
-    key = l * W + w
-    n = np.bincount(key, minlength=L * W)
-    out = np.full((L * W, max(int(n.max()), 1)), -1)
-    out[key, np.arange(key.size) - np.repeat(np.cumsum(n) - n, n)] = e
-    return out.reshape(L, W, -1)
+def _members(M: np.ndarray) -> np.ndarray:
+    """[..., E] mask -> [..., J] the indices set in each row, ascending, padded with -1."""
+    rows = M.reshape(-1, M.shape[-1])
+    r, e = _nonzero(np.ascontiguousarray(rows))
+    n = np.bincount(r, minlength=rows.shape[0])
+    out = np.full((rows.shape[0], max(int(n.max(initial=0)), 1)), -1)
+    out[r, np.arange(r.size) - np.repeat(np.cumsum(n) - n, n)] = e
+    return out.reshape(M.shape[:-1] + (-1,))
 
 
 def _nonzero(M: np.ndarray) -> tuple[np.ndarray, ...]:
