@@ -365,8 +365,9 @@ def _eplb_hosts(load: np.ndarray, num_workers: int, slots: int) -> np.ndarray:
             x = order[todo, j]
             ok = (used < slots)[None, :] & ~H[todo, x]  # [T, W]
             if (stuck := np.flatnonzero(~ok.any(1))).size:
-                for t in stuck:
-                    _make_room(H, wl, used, slots, per_replica, int(todo[t]), int(x[t]))
+                for t in stuck:  # one layer's fix may free a slot another stuck layer can use
+                    if not ((used < slots) & ~H[todo[t], x[t]]).any():
+                        _make_room(H, wl, used, slots, per_replica, int(todo[t]), int(x[t]))
                 ok = (used < slots)[None, :] & ~H[todo, x]
             score = np.where(ok, wl[todo], np.inf)
             tie = ok & (score <= score.min(1, keepdims=True))

@@ -383,3 +383,16 @@ def test_migration_aware_never_falls_below_its_starting_plan(data):
         return balancedness(p, load) - weight * plan_change(current, p, EB).replicas_moved / n - spread
 
     assert J(new) >= J(current) - 1e-9
+
+
+def test_eplb_packing_makes_room_once_per_stuck_layer():
+    # Found by the property test. 24 slots for 24 replicas; layers 1 and 2 place their last replica of
+    # expert 0 when the only free slots sit on workers that already host it. Making room in layer 1 (moving
+    # a replica off the full worker 2) frees a slot there, so layer 2 is no longer stuck and must not
+    # make room again (it would find no full worker lacking expert 0).
+    load = {(l, e): t for l, row in zip((1, 2, 3, 4), ([1, 2, 33], [1, 4, 22], [0, 0, 0], [0, 0, 0]))
+            for e, t in enumerate(row)}
+    inp = PlannerInput(load, 3, 8, EB)
+    p = eplb_plan(inp)
+    check_valid(p, inp)
+    assert p.replica_count()[(1, 0)] == 3 and p.replica_count()[(2, 0)] == 3
