@@ -50,12 +50,12 @@ Logical = tuple[int, int]  # (layer, expert)
 
 # Moving every logical expert's weights once is worth this much balancedness. On `moe-serve bench
 # placement` (DeepSeek-MoE-16B shape, 8 workers, 11% spare slots, hot set rotating; seed 0) 0.03 gives
-# balancedness 0.9931 against EPLB's 0.9926 for 0.091x its replicas moved, 29 ms per re-plan.
+# balancedness 0.9930 against EPLB's 0.9926 for 0.088x its replicas moved, 38 ms per re-plan.
 DEFAULT_MIGRATION_WEIGHT = 0.03
 # With PlannerInput.groups: balancedness one extra worker per group, for every logical expert, is
 # worth (see migration_aware_plan). On `moe-serve bench placement`'s group trace (8 layers x 64 experts
 # in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 4.93 workers visited per token
-# against 5.81 without groups, planned balancedness 0.9903 against 0.9906.
+# against 5.83 without groups, planned balancedness 0.9900 against 0.9900.
 DEFAULT_GROUP_WEIGHT = 0.03
 
 
@@ -588,6 +588,7 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk, stop_at=np.inf):
       move    a replica of x from u to w
       add     a replica of x (on u) on w; x's tokens then split over one more replica
       remove  x's replica on u, when x has others
+      replace add x on w in place of a spare replica there of another expert of the same layer
       swap    x on u with y of the same layer on w, one of the layer's SWAP_WORKERS lightest workers
 
     A move or add into a full worker first evicts the spare replica there, from another layer, that
@@ -674,6 +675,19 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk, stop_at=np.inf):
     d = host_d[:, :, None] + excess(wl_p[:, None, :] + (lx / (cx + 1.0))[:, :, None], th3) - ex_p[:, None, :] + rd_p
     val = -rate * d - k * cost_w - gk * g_w + rv_p
     cand["add"] = (np.where(xok[:, :, None] & ~Hx & (cx < W)[:, :, None], val, -np.inf), d)
+    # replace: add x on w in place of the layer's own best spare replica y there (a cooled expert's spare
+    # goes to a hot one), when no worker hosts both x and y, so that the two changes add up exactly
+    y = ev_y[pl]  # [P, W] the layer's best spare on each worker
+    ay_ = a[p2, y]
+    y_rest = ev_dex[pl] - (excess(wl_p - ay_, th2) - ex_p)  # [P, W] what y's other hosts add to the excess
+    d = (host_d[:, :, None] + excess(wl_p[:, None, :] + (lx / (cx + 1.0))[:, :, None] - ay_[:, None, :], th3)
+         - ex_p[:, None, :] + y_rest[:, None, :])
+    shared = np.einsum("pkv,pwv->pkw", Hx.astype(np.int32), H[p2, y].astype(np.int32)) > 0  # [P, K, W]
+    ok = (xok[:, :, None] & ~Hx & (cx < W)[:, :, None] & np.isfinite(ev_val[pl])[:, None, :]
+          & (y[:, None, :] != xs[:, :, None]) & ~shared)
+    val = (-rate * d - k * (cost_w - cost[p2, y, wk][:, None, :]) - gk * g_w
+           + gk * (group_count(p2, y, wk) == 1)[:, None, :])
+    cand["replace"] = (np.where(ok, val, -np.inf), d)
     # remove x's replica on u: [P, K]
     rise = excess(wl_p[:, None, :] + (lx / np.maximum(cx * (cx - 1), 1))[:, :, None], th3) - ex_p[:, None, :]
     d = (Hx * rise).sum(2) - np.take_along_axis(rise, np.broadcast_to(pu[:, None, None], (P, K, 1)), 2)[:, :, 0] \
@@ -720,6 +734,9 @@ def _best_moves(H, load, target, cost, slots, k, groups, gk, stop_at=np.inf):
             changes = [((l, x, u), False), ((l, x, w), True), ((l, y, w), False), ((l, y, u), True)]
         elif kinds[kind] == "remove":
             changes = [((l, x, u), False)]
+        elif kinds[kind] == "replace":
+            w = int(idx[1])
+            changes = [((l, x, w), True), ((l, int(ev_y[l, w]), w), False)]
         else:
             w = int(idx[1])
             changes = [((l, x, w), True)] + ([((l, x, u), False)] if kinds[kind] == "move" else [])
