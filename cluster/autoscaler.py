@@ -3,9 +3,11 @@
 The decision is a pure function of the policy, the current worker count, the
 measured load and a small hysteresis state, with the clock passed in, so it is
 tested without Ray or sleeping. Load is routed tokens per second: tokens through
-the model, each counted once however many MoE layers and experts it visits (the
-controller divides (token, expert) pairs by top-k x MoE layers); per worker it is
-that divided by the worker count.
+the model, each counted once however many MoE layers and experts it visits.
+Routers count (token, expert) pairs; `routed_tokens` turns those into tokens
+(pairs / (top-k x MoE layers)), the one conversion the controller uses for the
+watermarks and for `rebalance_min_tokens`. Per worker it is that divided by the
+worker count.
 
     above high watermark for `sustain_seconds`  -> scale out to ceil(load / midpoint), at least +1
     below low watermark for `sustain_seconds`   -> scale in to ceil(load / midpoint), at least -1
@@ -30,10 +32,14 @@ class AutoscalingPolicy(BaseModel):
     enabled: bool = Field(False, description="Scale the number of expert workers with routing load.")
     min_workers: int = Field(1, ge=1, description="Never fewer workers than this.")
     max_workers: int = Field(8, ge=1, description="Never more workers than this.")
+    # Defaults: about 2000 and 200 (token, expert) pairs per worker per second on the default model
+    # (tiny: 3 MoE layers x top-2 = 6 pairs per token).
     high_watermark: float = Field(
-        30.0, gt=0, description="Routed tokens per worker per second above which to scale out.")
+        300.0, gt=0, description="Routed tokens (tokens through the model, each counted once) per worker per "
+                                 "second above which to scale out.")
     low_watermark: float = Field(
-        3.0, ge=0, description="Routed tokens per worker per second below which to scale in.")
+        30.0, ge=0, description="Routed tokens (tokens through the model, each counted once) per worker per "
+                                "second below which to scale in.")
     sustain_seconds: float = Field(10.0, ge=0, description="How long a watermark must stay crossed before acting.")
     cooldown_seconds: float = Field(30.0, ge=0, description="Least time between two changes of the worker count.")
     interval_seconds: float = Field(2.0, gt=0, description="How often the controller evaluates the policy.")
@@ -58,6 +64,15 @@ class PlanChangeReason(str, enum.Enum):
     SCALE_IN = "scale-in"  # load below the low watermark
     BOUNDS = "bounds"  # the worker count left [min_workers, max_workers] (e.g. the policy changed)
     WORKER_FAILURE = "worker-failure"  # a dead worker replaced with the same replicas
+
+
+def routed_tokens(pairs: float, top_k: int, moe_layers: int) -> float:
+    """Tokens through the model from routed (token, expert) pairs: each token visits `top_k` experts in each of
+    `moe_layers` MoE layers (for DeepSeek-MoE-16B, 6 x 27 = 162 pairs per token)."""
+    if top_k < 1 or moe_layers < 1:
+        raise ValueError(f"routed_tokens needs top_k >= 1 and moe_layers >= 1, got top_k={top_k}, "
+                         f"moe_layers={moe_layers}")
+    return pairs / (top_k * moe_layers)
 
 
 @dataclass(frozen=True)

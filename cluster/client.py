@@ -142,7 +142,7 @@ def print_status(args) -> int:
     placement, load = both
     tokens = {w.worker_id: w.tokens for w in load.workers}
     print(f"plan version {placement.plan_version}   workers {len(placement.workers)}   "
-          f"balancedness {load.balancedness:.3f} (per MoE layer mean / max tokens per worker, summed over layers; "
+          f"balancedness {load.balancedness:.3f} (sum over MoE layers of mean tokens per worker / sum of max; "
           f"window {load.window_seconds:.0f} s)")
     print(f"{'worker':<18}{'state':<10}{'device':<14}{'replicas':>9}{'pairs':>10}")
     for w in placement.workers:

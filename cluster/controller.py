@@ -16,22 +16,31 @@ the plan live:
 Concurrency: a Ray async actor; every method runs on the actor's event loop,
 except the planner call, which runs on a worker thread (`_compute_plan`) so
 that admin calls answer while a plan is computed. `_plan_lock` serialises plan
-changes, so `plan` is only replaced under it; an automatic evaluation that finds
-it held skips its turn instead of queueing behind it.
+changes (rebalances and worker replacements), so `plan` is only replaced under
+it. A Rebalance call waits for a change under way and then plans from fresh
+load; an automatic evaluation that finds the lock held skips its turn instead
+of queueing behind it, and a dead worker the control loop finds is replaced in
+a task of its own. A plan whose computation outlives `plan_deadline_seconds`
+(default: the load window) is dropped, not rolled out. Everything else (plan,
+workers, states, events) is read and written on the event loop only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import math
+import re
 import threading
 import time
 
 import ray
+from pydantic import ValidationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason, ScalingState, desired_workers
+from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason, ScalingState, desired_workers, routed_tokens
 from cluster.planner import (PlannerInput, balancedness, expert_groups, initial_plan, plan_change, worker_load,
                              worker_name)
 from cluster.planner import plan as make_plan
@@ -46,6 +55,58 @@ from router_service.placement import PlacementPlan, WorkerPlacement, by_layer
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
+
+# AutoscalingPolicy fields whose name in the proto message says the unit.
+_POLICY_WIRE_NAMES = {"high_watermark": "high_watermark_tokens_per_worker_per_second",
+                      "low_watermark": "low_watermark_tokens_per_worker_per_second"}
+
+
+def _policy_error(err: ValidationError) -> InvalidRequest:
+    """A SetAutoscalingPolicy request's first problem, naming fields as the proto message does."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "policy"  # no loc: a rule across fields (its message names them)
+    message = first["msg"].removeprefix("Value error, ")
+    for ours, wire in _POLICY_WIRE_NAMES.items():
+        message = re.sub(rf"\b{ours}\b", wire, message)
+    return InvalidRequest(_POLICY_WIRE_NAMES.get(field, field), message)
+
+
+class PausePoint:
+    """A place in a plan change where the controller parks while a test holds it, so that what the controller
+    does meanwhile (answer admin calls, skip an evaluation, report STARTING/DRAINING/DEAD workers, drop a late
+    plan) is observed without timing. Nothing holds one outside tests; passing it then costs one flag check.
+
+    Thread-safe (threading.Event): held and released by actor methods on the event loop, passed on the
+    planner's thread (`wait`) or on the event loop (`wait_async`, which parks on a thread so the loop runs on)."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self._parked = threading.Event()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def parked(self) -> bool:
+        """Whether the controller is waiting here now."""
+        return self._parked.is_set()
+
+    def wait(self) -> None:
+        """Pass the point, blocking this thread while it is held."""
+        if self._open.is_set():
+            return
+        self._parked.set()
+        try:
+            self._open.wait()
+        finally:
+            self._parked.clear()
+
+    async def wait_async(self) -> None:
+        if not self._open.is_set():
+            await asyncio.to_thread(self.wait)
 
 
 class Controller:
@@ -68,13 +129,20 @@ class Controller:
         self.worker_states: dict[int, int] = {}
         self.starting: dict[int, WorkerPlacement] = {}
         self.plan_deadline_seconds = self.settings.plan_deadline_seconds or self.settings.load_window_seconds
-        # Set while the planner runs on its thread; cleared `_planning_hold` parks it (hold_planning).
-        self._planning = threading.Event()
-        self._planning_hold = threading.Event()
-        self._planning_hold.set()
+        # Test instrumentation (see hold): "plan" is passed on the planner's thread just before it plans,
+        # "switch" on the event loop once a plan change's workers hold their replicas, before routers switch.
+        self.pauses = {"plan": PausePoint(), "switch": PausePoint()}
+        # Control-loop turns, and those skipped because a plan change held _plan_lock (control_stats).
+        self.evaluations = 0
+        self.evaluations_skipped = 0
         self._scaling = ScalingState()
         self._last_rebalance = 0.0
+        # The id of the next worker to start. Ids (and so Ray actor names) are never reused: a killed
+        # actor's name can stay taken for a while, and routers know workers by id.
+        self._next_worker_id = 0
         self._loop_task: asyncio.Task | None = None
+        # Replacements of dead workers that the control loop found, by worker id (see _check_fleet).
+        self._replacing: dict[int, asyncio.Task] = {}
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -115,6 +183,7 @@ class Controller:
         logical = len(spec.logical_experts)
         self.slots_per_worker = s.replica_slots_per_worker or math.ceil(logical * 1.25 / s.num_workers)
         self.plan = initial_plan(spec, s.num_workers)
+        self._next_worker_id = max(w.worker_id for w in self.plan.workers) + 1
         self.metrics = ControllerMetrics()
         await self._start_workers(list(self.plan.workers))
         router_cls = ray.remote(Router)
@@ -150,101 +219,143 @@ class Controller:
 
     # --- plan changes ------------------------------------------------------------------------
 
-    async def rebalance(self, reason: PlanChangeReason, detail: str = "", num_workers: int | None = None) -> dict:
-        """Plan v+1 from the current load (and worker count) and roll it out; returns the change record.
+    async def rebalance(self, reason: PlanChangeReason | str, detail: str = "",
+                        num_workers: int | None = None) -> dict:
+        """Plan v+1 from the current load (and worker count) and roll it out; returns the change record,
+        which is also appended to `events`.
 
-        A plan that takes longer than `plan_deadline_seconds` to compute is dropped: the load it was
-        planned from is stale by then, and the next evaluation plans from fresh load."""
+        Waits for a plan change under way, then plans from the load at that time (the control loop, which
+        must not wait, checks `_plan_lock` first). A plan whose computation outlives `plan_deadline_seconds`
+        is dropped: the load it was planned from is stale by then, so rolling it out would place replicas
+        for traffic that has moved on. The record then says `dropped` and the plan in force stays."""
+        try:
+            reason = PlanChangeReason(reason)  # the enum, or its value (the metric label)
+        except ValueError:
+            raise ValueError(f"reason: {reason!r} is not a PlanChangeReason, expected one of "
+                             f"{[r.value for r in PlanChangeReason]} (free text goes in detail)") from None
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         async with self._plan_lock:
-            old = self.plan
-            load = await self.load()
-            target = num_workers or len(old.workers)
-            drain = frozenset(w.worker_id for w in old.workers[target:]) if target < len(old.workers) else frozenset()
-            # Planning runs in a worker thread, so admin calls keep answering on the event loop meanwhile.
-            began = time.monotonic()
-            new = await asyncio.to_thread(self._compute_plan, PlannerInput(
-                load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
-                    len(self.spec.logical_experts) / target)),
-                expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
-                drain=drain, groups=expert_groups(self.spec)))
-            planning = time.monotonic() - began
-            record = {"reason": reason.value, "detail": detail, "old_version": old.version,
-                      "new_version": new.version, "balancedness_before": balancedness(old, load),
-                      "balancedness_after": balancedness(new, load), "bytes_moved": 0,
-                      "workers_before": len(old.workers), "workers_after": len(new.workers),
-                      "planning_seconds": planning, "seconds": 0.0, "dropped": False}
-            if planning > self.plan_deadline_seconds:
-                record.update(new_version=old.version, balancedness_after=record["balancedness_before"], dropped=True)
-                self.events.append(record)
-                self.metrics.plan_dropped(reason.value)
-                log.warning("plan for %s (%s) took %.1f s, over its %.1f s deadline: dropped, plan v%d stays",
-                            reason.value, detail, planning, self.plan_deadline_seconds, old.version)
-                return record
-            if new is old:
-                return record
-            started = time.perf_counter()
-            change = plan_change(old, new, self.expert_bytes)
-            record["bytes_moved"] = change.bytes_moved
-            leaving = [w.worker_id for w in old.workers if w.worker_id not in {n.worker_id for n in new.workers}]
-            self.worker_states.update({wid: admin_pb2.WORKER_STATE_DRAINING for wid in leaving})
-            # 1-2. new workers start with their replicas; existing ones load additions; serving continues.
-            fresh = [w for w in new.workers if w.worker_id not in self.workers]
-            record.update(started=[w.worker_id for w in fresh], drained=leaving)
-            self.starting.update({w.worker_id: w for w in fresh})
             try:
-                await self._start_workers(fresh)
-                await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
-                                       for wid, added in change.added.items()
-                                       if wid not in {w.worker_id for w in fresh}])
-                # 3. every router switches at a step boundary and acknowledges.
-                await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
-            except BaseException:  # the rollout failed: the old plan stays, and so do its workers
-                for wid in leaving:
-                    self.worker_states.pop(wid, None)
-                raise
+                return await self._change_plan(reason, detail, num_workers)
             finally:
-                for w in fresh:
-                    self.starting.pop(w.worker_id, None)
-            self.plan = new
-            # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
-            await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
-                                   for wid, removed in change.removed.items() if wid not in leaving])
-            for wid in leaving:
-                if (handle := self.workers.pop(wid, None)) is not None:
-                    ray.kill(handle)
-                self.worker_info.pop(wid, None)
-                self.worker_states.pop(wid, None)
-            record["seconds"] = time.perf_counter() - started
+                # Every attempt (rolled out, nothing better found, dropped, failed) starts the cooldown of
+                # automatic rebalancing, so a plan that cannot help, or a planner slower than its deadline,
+                # is not recomputed on every control-loop turn.
+                self._last_rebalance = time.monotonic()
+
+    async def _change_plan(self, reason: PlanChangeReason, detail: str, num_workers: int | None) -> dict:
+        """rebalance's work, under `_plan_lock`."""
+        old = self.plan
+        load = await self.load()
+        target = num_workers or len(old.workers)
+        drain = frozenset(w.worker_id for w in old.workers[target:]) if target < len(old.workers) else frozenset()
+        # Planning runs in a worker thread, so admin calls keep answering on the event loop meanwhile.
+        began = time.monotonic()
+        new = await asyncio.to_thread(self._compute_plan, PlannerInput(
+            load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
+                len(self.spec.logical_experts) / target)),
+            expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
+            drain=drain, groups=expert_groups(self.spec)))
+        planning = time.monotonic() - began
+        new = self._with_fresh_ids(old, new)
+        record = {"reason": reason.value, "detail": detail, "old_version": old.version,
+                  "new_version": new.version, "balancedness_before": balancedness(old, load),
+                  "balancedness_after": balancedness(new, load), "bytes_moved": 0,
+                  "workers_before": len(old.workers), "workers_after": len(new.workers),
+                  "planning_seconds": planning, "seconds": 0.0, "dropped": False}
+        if planning > self.plan_deadline_seconds:
+            record.update(new_version=old.version, balancedness_after=record["balancedness_before"],
+                          workers_after=len(old.workers), dropped=True)
             self.events.append(record)
-            self._last_rebalance = time.monotonic()
-            self.metrics.plan(new)
-            self.metrics.rebalanced(reason.value)
-            log.info("plan v%d -> v%d (%s: %s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in "
-                     "%.2f s (planned in %.2f s)", old.version, new.version, reason.value, detail, len(old.workers),
-                     len(new.workers), record["balancedness_before"], record["balancedness_after"],
-                     record["bytes_moved"], record["seconds"], planning)
+            self.metrics.plan_dropped(reason.value)
+            log.warning("plan for %s (%s) took %.1f s, over its %.1f s deadline: dropped, plan v%d stays",
+                        reason.value, detail, planning, self.plan_deadline_seconds, old.version)
             return record
+        if new is old:
+            return record
+        started = time.perf_counter()
+        change = plan_change(old, new, self.expert_bytes)
+        record["bytes_moved"] = change.bytes_moved
+        leaving = [w.worker_id for w in old.workers if w.worker_id not in {n.worker_id for n in new.workers}]
+        self.worker_states.update({wid: admin_pb2.WORKER_STATE_DRAINING for wid in leaving})
+        # 1-2. new workers start with their replicas; existing ones load additions; serving continues.
+        fresh = [w for w in new.workers if w.worker_id not in self.workers]
+        record.update(started=[w.worker_id for w in fresh], drained=leaving)
+        self.starting.update({w.worker_id: w for w in fresh})
+        try:
+            await self._start_workers(fresh)
+            await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
+                                   for wid, added in change.added.items()
+                                   if wid not in {w.worker_id for w in fresh}])
+            await self.pauses["switch"].wait_async()
+            # 3. every router switches at a step boundary and acknowledges.
+            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+        except BaseException:  # the rollout failed: the old plan stays, and so do its workers
+            for wid in leaving:
+                self.worker_states.pop(wid, None)
+            raise
+        finally:
+            for w in fresh:
+                self.starting.pop(w.worker_id, None)
+        self.plan = new
+        # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
+        await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
+                               for wid, removed in change.removed.items() if wid not in leaving])
+        for wid in leaving:
+            if (handle := self.workers.pop(wid, None)) is not None:
+                ray.kill(handle)
+            self.worker_info.pop(wid, None)
+            self.worker_states.pop(wid, None)
+        record["seconds"] = time.perf_counter() - started
+        self.events.append(record)
+        self.metrics.plan(new)
+        self.metrics.rebalanced(reason.value)
+        log.info("plan v%d -> v%d (%s: %s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in "
+                 "%.2f s (planned in %.2f s)", old.version, new.version, reason.value, detail, len(old.workers),
+                 len(new.workers), record["balancedness_before"], record["balancedness_after"],
+                 record["bytes_moved"], record["seconds"], planning)
+        return record
+
+    def _with_fresh_ids(self, old: PlacementPlan, new: PlacementPlan) -> PlacementPlan:
+        """`new` with every worker that `old` lacks under an id never used before. The planner numbers new
+        workers after the current plan's, which would give the next scale-out the id of a worker a scale-in
+        just stopped."""
+        current = {w.worker_id for w in old.workers}
+        if all(w.worker_id in current for w in new.workers):
+            return new
+        workers = []
+        for w in new.workers:
+            if w.worker_id not in current:
+                w = WorkerPlacement(self._next_worker_id, worker_name(self._next_worker_id), w.replicas)
+                self._next_worker_id += 1
+            workers.append(w)
+        return dataclasses.replace(new, workers=tuple(workers))
 
     def _compute_plan(self, inp: PlannerInput) -> PlacementPlan:
-        """The planner call, on a worker thread (see rebalance). `hold_planning` parks it here."""
-        self._planning.set()
-        try:
-            self._planning_hold.wait()
-            return make_plan(self.settings.placement_policy, inp)
-        finally:
-            self._planning.clear()
+        """The planner call, on a worker thread (see rebalance); it reads only `inp` and settings."""
+        self.pauses["plan"].wait()
+        return make_plan(self.settings.placement_policy, inp)
 
-    # Instrumentation for tests: park the next plan computation until released, so that what the
-    # controller does while it plans can be observed without timing.
-    def hold_planning(self) -> None:
-        self._planning_hold.clear()
+    # Instrumentation for tests: hold a pause point ("plan" or "switch", see __init__), see the controller
+    # parked there, release it. They only touch threading.Events, so any thread may run them.
+    def hold(self, point: str) -> None:
+        self._pause(point).hold()
 
-    def release_planning(self) -> None:
-        self._planning_hold.set()
+    def release(self, point: str) -> None:
+        self._pause(point).release()
 
-    def planning(self) -> bool:
-        """Whether a plan is being computed now."""
-        return self._planning.is_set()
+    def parked(self, point: str) -> bool:
+        return self._pause(point).parked()
+
+    def _pause(self, point: str) -> PausePoint:
+        if point not in self.pauses:
+            raise ValueError(f"point: unknown pause point {point!r}, expected one of {sorted(self.pauses)}")
+        return self.pauses[point]
+
+    def control_stats(self) -> dict:
+        """Control-loop turns so far, and how many skipped because a plan change was under way."""
+        return {"evaluations": self.evaluations, "evaluations_skipped": self.evaluations_skipped}
 
     async def worker_failed(self, worker_id: int) -> None:
         """A router saw `worker_id` fail: replace it with a new worker hosting the same replicas.
@@ -261,16 +372,17 @@ class Controller:
             started = time.perf_counter()
             self.workers.pop(worker_id, None)
             self.worker_info.pop(worker_id, None)
-            new_id = max([w.worker_id for w in old.workers] + list(self.workers)) + 1
+            new_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
             replacement = WorkerPlacement(new_id, worker_name(new_id), lost.replicas)
-            self.starting[new_id] = replacement
-            try:
-                await self._start_workers([replacement])
-            finally:
-                self.starting.pop(new_id, None)
             workers = tuple(replacement if w.worker_id == worker_id else w for w in old.workers)
             new = PlacementPlan(old.version + 1, old.num_experts, old.moe_layers, workers)
-            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers], return_exceptions=True)
+            self.starting[new_id] = replacement  # STARTING until routers use the plan that has it
+            try:
+                await self._start_workers([replacement])
+                await self.pauses["switch"].wait_async()
+                await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers], return_exceptions=True)
+            finally:
+                self.starting.pop(new_id, None)
             self.plan = new
             self.worker_states.pop(worker_id, None)
             reason = PlanChangeReason.WORKER_FAILURE
@@ -287,10 +399,16 @@ class Controller:
     async def _check_fleet(self) -> None:
         """Liveness: replace workers that died while idle; start routers that Ray restarted."""
         for wid, handle in list(self.workers.items()):
+            if wid in self._replacing:
+                continue
             try:
                 await asyncio.wait_for(handle.stats.remote(), 10)
             except Exception:
-                await self.worker_failed(wid)
+                # Replaced in a task of its own: the replacement waits for any plan change under way, and
+                # the rest of this loop's work (routers, the next evaluation) must not wait with it.
+                task = asyncio.get_running_loop().create_task(self.worker_failed(wid))
+                self._replacing[wid] = task
+                task.add_done_callback(functools.partial(self._replaced, wid))
         for i, router in enumerate(self.routers):
             try:
                 stats = await asyncio.wait_for(router.stats.remote(), 10)
@@ -299,6 +417,12 @@ class Controller:
             if not stats["started"]:
                 log.warning("router-%d was restarted by Ray; starting it on port %d", i, self.ports[i])
                 await router.start.remote(self.plan, self.ports[i])
+
+    def _replaced(self, worker_id: int, task: asyncio.Task) -> None:
+        """Done callback of a replacement task started by _check_fleet."""
+        self._replacing.pop(worker_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replacing expert worker %d failed", worker_id, exc_info=task.exception())
 
     async def _control_loop(self) -> None:
         """Fleet liveness, autoscaling and automatic rebalancing, evaluated every policy interval."""
@@ -311,25 +435,34 @@ class Controller:
                 log.exception("control loop evaluation failed")
 
     def _routed_tokens(self, load: dict[tuple[int, int], int]) -> float:
-        """Tokens through the model in `load`, which counts (token, expert) pairs: each token visits top_k
-        experts in every MoE layer. The unit of the watermarks and of rebalance_min_tokens."""
-        return sum(load.values()) / (self.spec.moe.top_k * len(self.spec.moe_layers))
+        """Tokens through the model in `load` (which counts (token, expert) pairs): the unit of the
+        watermarks and of rebalance_min_tokens."""
+        return routed_tokens(sum(load.values()), self.spec.moe.top_k, len(self.spec.moe_layers))
 
     async def _evaluate(self) -> None:
+        """One control-loop turn: refresh the load gauges, then change the plan if the policy asks for it.
+
+        A turn that finds a plan change under way (a Rebalance call, a worker replacement) skips the decision
+        rather than queue behind it: it would act on load measured before that change, and the next turn
+        sees fresh load. A decided change starts the cooldown however it ends (see rebalance), so a planner
+        slower than its deadline is not restarted on every turn."""
         s, policy = self.settings, self.policy
+        self.evaluations += 1
         rate_window = max(policy.interval_seconds, policy.sustain_seconds, 1.0)
-        recent = await self.load(rate_window)
+        recent, window = await asyncio.gather(self.load(rate_window), self.load())
+        self.metrics.plan(self.plan)  # gauges set only on change would expire in Ray's exporter: refresh them
+        self.metrics.load(balancedness(self.plan, window),
+                          {str(w): t / s.load_window_seconds for w, t in worker_load(self.plan, window).items()})
+        # No await from this check to rebalance() taking the lock, so no change can start in between.
+        if self._plan_lock.locked():
+            self.evaluations_skipped += 1
+            log.debug("control loop: a plan change is under way, this turn skips its decision")
+            return
         rate = self._routed_tokens(recent) / rate_window
         min_workers = max(policy.min_workers, math.ceil(len(self.spec.logical_experts) / self.slots_per_worker))
         bounded = policy.model_copy(update={"min_workers": min(min_workers, policy.max_workers)})
         decision = desired_workers(bounded, len(self.plan.workers), rate, self._scaling, time.monotonic())
         self._scaling = decision.state
-        window = await self.load()
-        self.metrics.plan(self.plan)  # gauges set only on change would expire in Ray's exporter: refresh them
-        self.metrics.load(balancedness(self.plan, window),
-                          {str(w): t / s.load_window_seconds for w, t in worker_load(self.plan, window).items()})
-        if self._plan_lock.locked():  # a plan change is under way: this evaluation's load would be stale
-            return
         if decision.workers != len(self.plan.workers):
             await self.rebalance(decision.reason or PlanChangeReason.BOUNDS, decision.detail, decision.workers)
             return
@@ -342,10 +475,12 @@ class Controller:
     # --- ClusterAdmin --------------------------------------------------------------------------
 
     def placement(self) -> admin_pb2.Placement:
-        """The plan in force, each worker with its state, then the workers a rollout is starting (STARTING,
-        with the replicas they will host)."""
+        """The plan in force, each worker with its state (READY, DRAINING while a rollout removes it, DEAD from
+        a failure until its replacement is in the plan), then the workers a plan change is starting (STARTING,
+        with the replicas they will host, until routers use the plan that has them)."""
         msg = admin_pb2.Placement(plan_version=self.plan.version)
-        starting = [w for wid, w in sorted(self.starting.items()) if wid not in {p.worker_id for p in self.plan.workers}]
+        in_plan = {p.worker_id for p in self.plan.workers}
+        starting = [w for wid, w in sorted(self.starting.items()) if wid not in in_plan]
         for w in [*self.plan.workers, *starting]:
             info = self.worker_info.get(w.worker_id, {})
             state = (admin_pb2.WORKER_STATE_STARTING if w.worker_id in self.starting
@@ -369,7 +504,8 @@ class Controller:
     def _policy_message(self) -> admin_pb2.AutoscalingPolicy:
         p = self.policy
         return admin_pb2.AutoscalingPolicy(
-            min_workers=p.min_workers, max_workers=p.max_workers, high_watermark_tokens_per_worker_per_second=p.high_watermark,
+            min_workers=p.min_workers, max_workers=p.max_workers,
+            high_watermark_tokens_per_worker_per_second=p.high_watermark,
             low_watermark_tokens_per_worker_per_second=p.low_watermark, cooldown_seconds=p.cooldown_seconds,
             enabled=p.enabled)
 
@@ -396,8 +532,8 @@ class Controller:
                        "max_workers": m.max_workers, "high_watermark": m.high_watermark_tokens_per_worker_per_second,
                        "low_watermark": m.low_watermark_tokens_per_worker_per_second,
                        "cooldown_seconds": m.cooldown_seconds}).model_dump())
-            except ValueError as err:
-                raise InvalidRequest("policy", str(err).replace("\n", " ")) from None
+            except ValidationError as err:
+                raise _policy_error(err) from None
             log.info("autoscaling policy set: %s", self.policy)
             return self._policy_message().SerializeToString()
         raise InvalidRequest("method", f"unknown ClusterAdmin method {method!r}")
@@ -411,6 +547,8 @@ class Controller:
     async def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
+        for task in list(self._replacing.values()):
+            task.cancel()
         await asyncio.gather(*[r.stop.remote() for r in self.routers], return_exceptions=True)
         for handle in [*self.routers, *self.workers.values()]:
             ray.kill(handle)

@@ -77,17 +77,19 @@ class ControllerMetrics:
         m = _metrics()
         self.workers = m.Gauge("moe_serve_workers", "Expert workers in the current plan.")
         self.balancedness = m.Gauge(
-            "moe_serve_balancedness", "Sum over MoE layers of mean tokens per worker / sum over layers of the max "
-            "(each layer waits for its busiest worker; 1.0 is perfect).")
+            "moe_serve_balancedness", "Sum over MoE layers of mean tokens per worker / sum of max (each layer waits "
+            "for its busiest worker: ideal / actual step time; 1.0 is perfect), as cluster.planner.balancedness.")
         self.plan_version = m.Gauge("moe_serve_plan_version", "Version of the placement plan routers use.")
         self.rebalances = m.Counter("moe_serve_rebalances_total", "Plan changes, by reason (PlanChangeReason).",
                                     tag_keys=("reason",))
         self.plans_dropped = m.Counter("moe_serve_plans_dropped_total",
-                                       "Plans dropped because computing them outlived plan_deadline_seconds.",
+                                       "Plans dropped, not rolled out, because computing them outlived "
+                                       "plan_deadline_seconds; by reason (PlanChangeReason).",
                                        tag_keys=("reason",))
         self.replicas = m.Gauge("moe_serve_expert_replicas", "Replicas of a logical expert.",
                                 tag_keys=("layer", "expert"))
-        self.worker_rate = m.Gauge("moe_serve_worker_tokens_per_second", "Routed (token, expert) pairs per second a worker runs, all MoE layers summed.",
+        self.worker_rate = m.Gauge("moe_serve_worker_tokens_per_second",
+                                   "Routed (token, expert) pairs per second a worker runs, all MoE layers summed.",
                                    tag_keys=("worker",))
 
     def plan(self, plan) -> None:

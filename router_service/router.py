@@ -18,6 +18,7 @@ from expert_workers.worker import host_cpus
 from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
+from router_service.errors import InvalidRequest
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementPlan
 from router_service.security import controller_security
@@ -79,7 +80,10 @@ class Router:
         self.engine = AsyncEngine(engine, asyncio.get_running_loop())
 
         async def admin(method: str, payload: bytes) -> bytes:
-            return await controller.admin.remote(method, payload)
+            try:
+                return await controller.admin.remote(method, payload)
+            except InvalidRequest as err:  # Ray's wrapper of the controller's error: its str is a traceback
+                raise InvalidRequest(err.field, err.message) from None
         self.metrics = RouterMetrics(f"router-{self.router_id}")
         self.server, self.port, self.health = await start_server(
             self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir,

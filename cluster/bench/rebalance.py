@@ -59,6 +59,7 @@ def _stream_forever(port: int, stop: threading.Event, arrivals: list[float], err
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from cluster.autoscaler import PlanChangeReason
     from cluster.controller import start_cluster, stop_cluster
     from cluster.settings import NAMESPACE, ClusterSettings
     from router_service.engine import EngineSettings
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             t.start()
         time.sleep(args.steady_seconds)
         t0 = time.perf_counter()
-        record = ray.get(controller.rebalance.remote("bench: skewed load"))
+        record = ray.get(controller.rebalance.remote(PlanChangeReason.MANUAL, "bench: skewed load"))
         t1 = time.perf_counter()
         time.sleep(args.after_seconds)
     finally:

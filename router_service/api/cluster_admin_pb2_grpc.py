@@ -83,6 +83,10 @@ class ClusterAdminServicer:
         """Plan a new placement from the current window's load and move to it.
         Returns once the new plan is in force (new replicas loaded, routers
         switched); unloading the replicas it dropped may still be in progress.
+        A plan change already under way (another Rebalance, a scaling step, a
+        failed worker's replacement) is waited for first, then the plan is made
+        from the load at that time. A plan whose computation outlives the plan
+        deadline is not applied: the answer is OK with dropped = true.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

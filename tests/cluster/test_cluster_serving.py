@@ -287,25 +287,8 @@ def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics
     wanted = {"ray_moe_serve_requests", "ray_moe_serve_expert_tokens", "ray_moe_serve_workers",
               "ray_moe_serve_plan_version", "ray_moe_serve_time_to_first_token_seconds", "ray_moe_serve_kv_slots",
               "ray_moe_serve_generated_tokens", "ray_moe_serve_expert_replicas"}
-    deadline = time.monotonic() + 90  # routers export every 5 s; the agent scrapes on its own period
-    while True:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).read().decode()
-        samples: dict[str, list] = {}
-        for family in text_string_to_metric_families(body):
-            if family.name.startswith("ray_moe_serve"):
-                samples.setdefault(family.name, []).extend(family.samples)
-        if wanted <= set(samples) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert wanted <= set(samples), sorted(wanted - set(samples))
-
-    flat = [s for family in samples.values() for s in family]
-
-    def value(sample_name, **labels):
-        return sum(s.value for s in flat if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    # Other test modules' clusters ran in the same Ray session and their last gauge values may still be
-    # exported: read this cluster's gauges by the reporting process (Ray labels samples with its WorkerId).
+    # Other test modules' clusters ran in the same Ray session and their last values may still be exported:
+    # read this cluster's by the reporting process (Ray labels samples with its WorkerId), and wait for them.
     import ray
 
     from cluster.settings import NAMESPACE
@@ -315,6 +298,25 @@ def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics
 
     controller_id = worker_id(controller)
     router_id = worker_id(ray.get_actor("router-0", namespace=NAMESPACE))
+
+    def value(sample_name, **labels):
+        return sum(s.value for s in flat if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    deadline = time.monotonic() + 90  # routers export every 5 s; the agent scrapes on its own period
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).read().decode()
+        samples: dict[str, list] = {}
+        for family in text_string_to_metric_families(body):
+            if family.name.startswith("ray_moe_serve"):
+                samples.setdefault(family.name, []).extend(family.samples)
+        flat = [s for family in samples.values() for s in family]
+        ours = (value("ray_moe_serve_requests_total", code="OK", WorkerId=router_id) >= 2
+                and any(s.labels.get("WorkerId") == controller_id for s in samples.get("ray_moe_serve_workers", [])))
+        if (wanted <= set(samples) and ours) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= set(samples), sorted(wanted - set(samples))
+
     assert value("ray_moe_serve_requests_total", code="OK", WorkerId=router_id) >= 2
     assert value("ray_moe_serve_workers", WorkerId=controller_id) == NUM_WORKERS
     assert value("ray_moe_serve_plan_version", WorkerId=controller_id) == 1

@@ -1,4 +1,5 @@
-"""Elastic experts on a real local Ray cluster: skewed load, live rebalancing, scale-out and scale-in.
+"""Elastic experts on a real local Ray cluster: skewed load, live rebalancing, scale-out and scale-in, admin
+calls while a plan is computed, a plan dropped past its deadline, and the worker states GetPlacement reports.
 
 The tiny model has 3 MoE layers x 8 experts, top-2. A routing bias on expert 3
 sends every token there (plus one other expert), so with one replica each the
@@ -140,10 +141,16 @@ def test_streams_run_through_scale_out_and_scale_in(cluster, tiny_model):
     assert "expert-worker-2" not in names or len(names) == 2
 
 
+def in_plan(admin) -> int:
+    """Workers of the plan in force (GetPlacement also lists those a plan change is STARTING)."""
+    placement = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)
+    return sum(w.state != admin_pb2.WORKER_STATE_STARTING for w in placement.workers)
+
+
 def test_autoscaling_policy_scales_out_under_load(cluster):
     controller, stub, admin = cluster
     policy = admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest())
-    workers_before = len(admin.GetPlacement(admin_pb2.GetPlacementRequest()).workers)
+    workers_before = in_plan(admin)
     # any traffic is "hot": 1 routed token/s per worker is above the high watermark
     policy.enabled, policy.min_workers, policy.max_workers = True, 2, workers_before + 1
     policy.high_watermark_tokens_per_worker_per_second, policy.low_watermark_tokens_per_worker_per_second = 1.0, 0.5
@@ -153,9 +160,9 @@ def test_autoscaling_policy_scales_out_under_load(cluster):
     try:
         while time.monotonic() < deadline:
             generate_all(stub, max_tokens=4)
-            if len(admin.GetPlacement(admin_pb2.GetPlacementRequest()).workers) > workers_before:
+            if in_plan(admin) > workers_before:
                 break
-        assert len(admin.GetPlacement(admin_pb2.GetPlacementRequest()).workers) == workers_before + 1
+        assert in_plan(admin) == workers_before + 1
     finally:
         policy.enabled = False
         admin.SetAutoscalingPolicy(policy)
@@ -168,41 +175,137 @@ def test_invalid_autoscaling_policy_is_rejected(cluster):
     with pytest.raises(grpc.RpcError) as err:
         admin.SetAutoscalingPolicy(bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "min_workers" in err.value.details()
+    assert err.value.details() == "policy: min_workers (4) exceeds max_workers (2)"  # the message, no traceback
+    # a field is named as the proto message names it, unit included
+    bad.min_workers, bad.high_watermark_tokens_per_worker_per_second = 1, 0
+    with pytest.raises(grpc.RpcError) as err:
+        admin.SetAutoscalingPolicy(bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "high_watermark_tokens_per_worker_per_second: Input should be greater than 0"
 
 
-def test_admin_answers_while_a_plan_is_computed_and_a_late_plan_is_dropped(cluster):
-    """The planner runs beside the controller's event loop: with the plan computation parked (an
-    instrumented hold, not a timing), admin calls still answer; a plan that outlives the deadline
-    (3 s in this cluster's settings) is dropped and nothing changes."""
+def wait_until(condition, what, timeout=60):
+    """Poll `condition()` until true (a bound on a wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.05)
+
+
+def parked(controller, point):
+    return __import__("ray").get(controller.parked.remote(point))
+
+
+def states(placement) -> dict[str, str]:
+    return {w.actor_name: admin_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_") for w in placement.workers}
+
+
+def scraped(port: int, name: str, **labels) -> float:
+    """Sum of the samples of metric `name` with `labels` on the session's Ray metrics endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(s.value for family in text_string_to_metric_families(body) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_admin_answers_while_a_plan_is_computed_and_a_late_plan_is_dropped(cluster, ray_metrics_port):
+    """The planner runs beside the controller's event loop. With a Rebalance's plan computation parked at
+    the controller's "plan" pause point (instrumentation, not a timing), every admin call answers, and the
+    control loop skips its turns instead of queueing behind the plan. Parked past this cluster's 3 s plan
+    deadline, the plan is dropped when it completes: nothing changes, and the Rebalance answer says so."""
+    controller, stub, admin = cluster
+    ray = __import__("ray")
+    before = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)
+    workers = len(before.workers)
+    policy = admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), timeout=30)
+    ray.get(controller.hold.remote("plan"))
+    try:
+        future = admin.Rebalance.future(admin_pb2.RebalanceRequest(reason="late"), timeout=120)
+        wait_until(lambda: parked(controller, "plan"), "the plan computation starting")
+        placement = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)
+        assert placement.plan_version == before.plan_version
+        assert admin.GetExpertLoad(admin_pb2.GetExpertLoadRequest(), timeout=30).plan_version == before.plan_version
+        # A policy whose bounds ask for one more worker: the control loop would rebalance at its next turn.
+        wanted = admin_pb2.AutoscalingPolicy()
+        wanted.CopyFrom(policy)
+        wanted.min_workers = wanted.max_workers = workers + 1
+        assert admin.SetAutoscalingPolicy(wanted, timeout=30).min_workers == workers + 1
+        assert admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), timeout=30) == wanted
+        # It skips instead: two more skipped turns show the loop running on, not waiting on the plan lock.
+        skipped = ray.get(controller.control_stats.remote())["evaluations_skipped"]
+        wait_until(lambda: ray.get(controller.control_stats.remote())["evaluations_skipped"] >= skipped + 2,
+                   "two control-loop turns skipping")
+        assert parked(controller, "plan")  # every answer above came while the plan was being computed
+        assert not future.done()
+        time.sleep(3.5)  # keep it parked past the plan deadline
+    finally:
+        ray.get(controller.release.remote("plan"))
+    late = future.result()
+    assert late.dropped and late.new_plan_version == late.old_plan_version == before.plan_version
+    assert late.balancedness_after == late.balancedness_before and late.bytes_moved == 0
+    event = ray.get(controller.plan_events.remote())[-1]
+    assert (event["reason"], event["detail"], event["dropped"]) == ("manual", "late", True)
+    assert event["planning_seconds"] > 3
+
+    # The skipped decision is taken at a later turn, from fresh load: the bounds add a worker.
+    try:
+        wait_until(lambda: in_plan(admin) == workers + 1, "the bounds' scale-out")
+        event = ray.get(controller.plan_events.remote())[-1]
+        assert (event["reason"], event["dropped"], event["workers_after"]) == ("bounds", False, workers + 1)
+    finally:  # the policy as it was, with room for the worker it added (else a bounds scale-in would follow)
+        policy.max_workers = max(policy.max_workers, workers + 1)
+        admin.SetAutoscalingPolicy(policy, timeout=30)
+
+    # Counted by reason in moe_serve_plans_dropped_total (exported every few seconds).
+    wait_until(lambda: scraped(ray_metrics_port, "ray_moe_serve_plans_dropped_total", reason="manual") >= 1,
+               "the dropped plan reaching the metrics endpoint", timeout=90)
+
+
+def test_workers_are_reported_starting_draining_and_dead(cluster, expected):
+    """GetPlacement's worker states over a scale-out, a scale-in and a worker's death, each seen with the
+    plan change parked at the controller's "switch" pause point (workers ready, routers not yet switched)."""
     controller, stub, admin = cluster
     ray = __import__("ray")
 
-    def held_rebalance(reason):
-        ray.get(controller.hold_planning.remote())
-        future = admin.Rebalance.future(admin_pb2.RebalanceRequest(reason=reason), timeout=120)
-        deadline = time.monotonic() + 60
-        while not ray.get(controller.planning.remote()):
-            assert time.monotonic() < deadline, "the plan computation never started"
-            time.sleep(0.05)
-        return future
+    def held(start_change):
+        """Start a plan change with "switch" held; return (placement while parked, ObjectRef or None)."""
+        ray.get(controller.hold.remote("switch"))
+        try:
+            ref = start_change()
+            wait_until(lambda: parked(controller, "switch"), "the plan change reaching the switch")
+            return admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30), ref
+        finally:
+            ray.get(controller.release.remote("switch"))
 
-    future = held_rebalance("held")
-    try:
-        version = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30).plan_version
-        assert admin.GetExpertLoad(admin_pb2.GetExpertLoadRequest(), timeout=30).plan_version == version
-        assert admin.GetAutoscalingPolicy(admin_pb2.GetAutoscalingPolicyRequest(), timeout=30).max_workers >= 1
-        assert ray.get(controller.planning.remote())  # still parked: the answers came while it planned
-    finally:
-        ray.get(controller.release_planning.remote())
-    assert not future.result().dropped
+    before = admin.GetPlacement(admin_pb2.GetPlacementRequest(), timeout=30)
+    names = [w.actor_name for w in before.workers]
+    assert set(states(before).values()) == {"READY"}
 
-    future = held_rebalance("late")
-    time.sleep(3.5)  # past the plan deadline
-    ray.get(controller.release_planning.remote())
-    late = future.result()
-    assert late.dropped and late.new_plan_version == late.old_plan_version
-    assert admin.GetPlacement(admin_pb2.GetPlacementRequest()).plan_version == late.old_plan_version
-    assert late.old_plan_version >= version
+    during, ref = held(lambda: controller.rebalance.remote(PlanChangeReason.SCALE_OUT, "test", len(names) + 1))
+    out = ray.get(ref)
+    [fresh] = out["started"]
+    new_name = f"expert-worker-{fresh}"
+    assert during.plan_version == before.plan_version  # not in force yet
+    assert states(during) == {**{n: "READY" for n in names}, new_name: "STARTING"}
+    assert during.workers[-1].replicas  # listed with the replicas it will host
+    assert states(admin.GetPlacement(admin_pb2.GetPlacementRequest())) == {n: "READY" for n in [*names, new_name]}
+
+    during, ref = held(lambda: controller.rebalance.remote(PlanChangeReason.SCALE_IN, "test", len(names)))
+    back = ray.get(ref)
+    assert back["drained"] == [fresh]
+    assert states(during) == {**{n: "READY" for n in names}, new_name: "DRAINING"}
+    assert states(admin.GetPlacement(admin_pb2.GetPlacementRequest())) == {n: "READY" for n in names}
+
+    victim = names[0]
+    during, _ = held(lambda: ray.kill(ray.get_actor(victim)))  # the control loop's liveness check finds it
+    [replacement] = [n for n in states(during) if n not in names]
+    assert replacement != new_name  # a fresh id, not the one the scale-in just stopped
+    assert states(during) == {**{n: "READY" for n in names[1:]}, victim: "DEAD", replacement: "STARTING"}
+    wait_until(lambda: states(admin.GetPlacement(admin_pb2.GetPlacementRequest()))
+               == {**{n: "READY" for n in names[1:]}, replacement: "READY"}, "the replacement in force")
     event = ray.get(controller.plan_events.remote())[-1]
-    assert (event["reason"], event["detail"], event["dropped"]) == ("manual", "late", True)
+    assert event["reason"] == "worker-failure"
+    assert generate_all(stub) == expected  # the replacement serves the dead worker's replicas

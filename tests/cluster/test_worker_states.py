@@ -1,13 +1,19 @@
-"""What GetPlacement reports for each worker's state, from the controller's own bookkeeping (the
-Controller class used in-process, without Ray: `placement()` only reads the plan and the states)."""
+"""What GetPlacement reports for each worker's state, from the controller's own bookkeeping, the ids new
+workers get, and a plan change's reason checked before anything else (the Controller class used in-process,
+without Ray: these only read the plan and the states). tests/cluster/test_elastic.py sees the same states on
+a real cluster."""
 
 from __future__ import annotations
+
+import asyncio
+
+import pytest
 
 from cluster.controller import Controller
 from cluster.planner import round_robin_plan, worker_name
 from cluster.settings import ClusterSettings
 from router_service.api import cluster_admin_pb2 as admin_pb2
-from router_service.placement import WorkerPlacement
+from router_service.placement import PlacementPlan, WorkerPlacement
 
 
 def states(controller: Controller) -> dict[str, str]:
@@ -28,3 +34,27 @@ def test_placement_reports_starting_draining_and_dead_workers():
     starting = controller.placement().workers[-1]
     assert [(r.layer, r.expert) for r in starting.replicas] == [(1, 0), (2, 1)]  # what it will host
     assert controller.placement().plan_version == controller.plan.version  # not in the plan yet
+
+
+def test_new_workers_never_reuse_an_id():
+    """The planner numbers new workers after the current plan's; the controller renumbers them past every id
+    it ever used, so a scale-out after a scale-in does not start an actor under the name just stopped."""
+    controller = Controller(ClusterSettings(model="unused", num_workers=3).model_dump())
+    three = round_robin_plan((1, 2), 4, 3)
+    controller._next_worker_id = 3
+    two = PlacementPlan(2, 4, (1, 2), three.workers[:2])  # worker 2 drained
+    assert controller._with_fresh_ids(three, two) is two  # no new worker: the plan as planned
+    again = PlacementPlan(3, 4, (1, 2), (*two.workers, WorkerPlacement(2, worker_name(2), three.workers[2].replicas)))
+    renumbered = controller._with_fresh_ids(two, again)
+    assert [(w.worker_id, w.name) for w in renumbered.workers] == [(0, worker_name(0)), (1, worker_name(1)),
+                                                                   (3, worker_name(3))]
+    assert renumbered.workers[2].replicas == three.workers[2].replicas and renumbered.version == 3
+    assert controller._next_worker_id == 4
+
+
+def test_a_plan_change_reason_is_a_plan_change_reason():
+    controller = Controller(ClusterSettings(model="unused", num_workers=3).model_dump())
+    with pytest.raises(ValueError, match=r"reason: 'bench: skewed load' is not a PlanChangeReason.*'manual'"):
+        asyncio.run(controller.rebalance("bench: skewed load"))
+    with pytest.raises(ValueError, match="num_workers"):
+        asyncio.run(controller.rebalance("manual", num_workers=0))
