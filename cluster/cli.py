@@ -1,6 +1,6 @@
 """The `moe-serve` command line: one entry point, one sub-command per job.
 
-    moe-serve serve [--model DIR] [--workers N]      start Ray, expert workers, routers; serve gRPC
+    moe-serve serve [--model DIR] [--workers N]      start Ray, expert workers, routers; serve gRPC and HTTP
     moe-serve generate --target HOST:PORT --prompt TEXT   stream a completion from a running cluster
     moe-serve generate [--model DIR] --prompt TEXT   offline, single-process engine
     moe-serve status --target HOST:PORT             placement and routing load
@@ -136,12 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_make_model)
 
-    p = sub.add_parser("serve", help="start the cluster and serve the gRPC API")
+    p = sub.add_parser("serve", help="start the cluster and serve the gRPC API and the OpenAI HTTP API")
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, built on first use)")
     p.add_argument("--workers", type=int, help="expert workers (default 2)")
     p.add_argument("--routers", type=int, help="routers, on port, port+1, ... (default 1)")
     p.add_argument("--port", type=int, help="gRPC port of the first router (default 50051)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
+    http = p.add_mutually_exclusive_group()
+    http.add_argument("--http-port", type=int,
+                      help="port of the first router's OpenAI-compatible HTTP API (default 8000; 0: a free port)")
+    http.add_argument("--no-http", action="store_true", help="serve gRPC only")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto); default: start a local one")
     p.add_argument("--config", help="JSON file of cluster settings; flags override it")
     p.add_argument("--demo-prompt", help="once serving, stream this prompt's completion to the terminal")

@@ -120,7 +120,8 @@ class Controller:
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self.worker_info: dict[int, dict] = {}
         self.routers: list[ray.actor.ActorHandle] = []
-        self.ports: list[int] = []
+        self.ports: list[int] = []  # routers' gRPC ports, by router index
+        self.http_ports: list[int | None] = []  # and their HTTP ports (None: HTTP off)
         self.events: list[dict] = []  # every plan change with its reason, for status and tests
         self._plan_lock = asyncio.Lock()
         # Worker states other than READY, by worker id: DRAINING while a rollout removes the worker, DEAD
@@ -189,6 +190,7 @@ class Controller:
         router_cls = ray.remote(Router)
         for r in range(s.num_routers):
             port = s.port + r if s.port else 0
+            http_port = None if s.http_port is None else (s.http_port + r if s.http_port else 0)
             # Ray restarts a killed router; the control loop then starts it again (see _check_routers).
             placement = {}
             if self.router_node_id:
@@ -197,9 +199,10 @@ class Controller:
                                                    num_cpus=s.router_num_cpus, max_restarts=-1,
                                                    runtime_env=actor_runtime_env()).remote(
                 r, self.model_dir, self.router_engine_settings(), self.plan, s.host, port, NAMESPACE,
-                CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport))
-        self.ports = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
-                                            s.start_timeout_seconds)
+                CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport, http_port))
+        bound = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
+                                       s.start_timeout_seconds)
+        self.ports, self.http_ports = [b["grpc"] for b in bound], [b["http"] for b in bound]
         self.metrics.plan(self.plan)
         self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
         log.info("cluster up: %d workers, routers on ports %s", len(self.workers), self.ports)
@@ -416,7 +419,7 @@ class Controller:
                 continue
             if not stats["started"]:
                 log.warning("router-%d was restarted by Ray; starting it on port %d", i, self.ports[i])
-                await router.start.remote(self.plan, self.ports[i])
+                await router.start.remote(self.plan, self.ports[i], self.http_ports[i])
 
     def _replaced(self, worker_id: int, task: asyncio.Task) -> None:
         """Done callback of a replacement task started by _check_fleet."""
@@ -540,6 +543,10 @@ class Controller:
 
     async def plan_events(self) -> list[dict]:
         return list(self.events)
+
+    def endpoints(self) -> list[dict]:
+        """Each router's ports: [{"router": index, "grpc": port, "http": port or None}]."""
+        return [{"router": i, "grpc": g, "http": h} for i, (g, h) in enumerate(zip(self.ports, self.http_ports))]
 
     async def router_stats(self) -> list[dict]:
         return await asyncio.gather(*[r.stats.remote() for r in self.routers])

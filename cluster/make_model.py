@@ -39,11 +39,13 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from cluster.chat_templates import CHAT_TEMPLATES
 from expert_workers.checkpoint import resolve_dtype
 from expert_workers.spec import ConfigError, ModelSpec, spec_from_config
 
-# Bump when the generated tensors change for the same preset, so cached models are rebuilt.
-FORMAT_VERSION = 1
+# Bump when the generated files change for the same preset, so cached models are rebuilt
+# (2: tokenizer_config.json carries the family's chat template).
+FORMAT_VERSION = 2
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
 LAYOUTS = ("per_expert", "fused")
 INIT_STD = 0.02  # transformers' `initializer_range` default
@@ -291,8 +293,8 @@ def _load_tokenizer(name: str) -> tuple[_TokenizerFiles, int, int, int]:
 
 
 def write_tokenizer(name: str, out_dir: str | Path, *, vocab_size: int | None = None,
-                    max_length: int | None = None) -> tuple[int, int]:
-    """Write tokenizer.json and tokenizer_config.json; return (bos_id, eos_id).
+                    max_length: int | None = None, chat_template: str | None = None) -> tuple[int, int]:
+    """Write tokenizer.json and tokenizer_config.json (with `chat_template` when given); return (bos_id, eos_id).
 
     Raises ValueError when the tokenizer can emit an id outside `vocab_size` (the
     embedding would be indexed out of range at serving time).
@@ -307,7 +309,7 @@ def write_tokenizer(name: str, out_dir: str | Path, *, vocab_size: int | None = 
     # as DeepSeek-MoE's and Mixtral's own tokenizer configs ask.
     config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=files.bos, eos_token=files.eos,
                   unk_token=files.unk, add_bos_token=True, add_eos_token=False,
-                  clean_up_tokenization_spaces=False, model_max_length=max_length)
+                  clean_up_tokenization_spaces=False, model_max_length=max_length, chat_template=chat_template)
     _write_json(out / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
     return bos, eos
 
@@ -503,7 +505,8 @@ def make_model(preset_or_name: Preset | str, out_dir: str | Path, *, dtype: str 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         bos, eos = write_tokenizer(preset.tokenizer, tmp, vocab_size=preset.vocab_size,
-                                   max_length=preset.max_position_embeddings)
+                                   max_length=preset.max_position_embeddings,
+                                   chat_template=CHAT_TEMPLATES.get(preset.model_type))
         ids = dict(bos_token_id=bos, eos_token_id=eos)
         _write_json(tmp / "config.json", {**config, **ids})
         _write_json(tmp / "generation_config.json", ids)

@@ -41,10 +41,15 @@ SECURITY_FLAGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_t
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     overrides = {"model": args.model, "num_workers": args.workers, "num_routers": args.routers, "port": args.port,
-                 "host": args.host, **{k: getattr(args, k, None) for k in SECURITY_FLAGS}}
+                 "host": args.host, "http_port": getattr(args, "http_port", None),
+                 **{k: getattr(args, k, None) for k in SECURITY_FLAGS}}
     if args.config:
-        return ClusterSettings.from_file(args.config, **overrides)
-    return ClusterSettings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = ClusterSettings.from_file(args.config, **overrides)
+    else:
+        settings = ClusterSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "no_http", False):
+        settings = settings.model_copy(update={"http_port": None})
+    return settings
 
 
 def drain_routers(settings: ClusterSettings) -> list[dict]:
@@ -83,8 +88,11 @@ def serve(args: argparse.Namespace) -> int:
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
     controller, ports = start_cluster(settings)
     targets = [f"{settings.host}:{p}" for p in ports]
-    print(f"moe-serve: {settings.num_workers} expert workers, routers serving gRPC on {', '.join(targets)} "
-          f"({'TLS' if security.tls else 'plaintext'}, {'token' if security.auth else 'no'} authentication)",
+    scheme = "https" if security.tls else "http"
+    urls = [f"{scheme}://{settings.host}:{e['http']}/v1" for e in ray.get(controller.endpoints.remote()) if e["http"]]
+    print(f"moe-serve: {settings.num_workers} expert workers, routers serving gRPC on {', '.join(targets)}"
+          + (f", the OpenAI API on {', '.join(urls)}" if urls else "")
+          + f" ({'TLS' if security.tls else 'plaintext'}, {'token' if security.auth else 'no'} authentication)",
           flush=True)
     if args.demo_prompt:
         from cluster.client import generate_remote

@@ -29,6 +29,10 @@ class ClusterSettings(BaseSettings):
     num_routers: int = Field(1, ge=1, description="Routers (each its own gRPC server on port, port+1, ...).")
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind; 0.0.0.0 in a pod.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of router 0; 0 picks a free port.")
+    http_port: int | None = Field(
+        8000, ge=0, le=65535, description="Port of router 0's OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health); routers count up from it as on gRPC; 0 picks a free port; "
+        "None turns HTTP off.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Router engine settings.")
     transport: Literal["socket", "ray", "collective"] = Field(
         "socket", description="Expert dispatch data plane: 'socket' (fast: raw tensors over Unix/TCP sockets), "

@@ -2,9 +2,10 @@
 
 Threads: the engine thread (`engine-loop`) alone calls `Engine.step`; outputs
 reach request queues through `loop.call_soon_threadsafe`, so the queues and
-`_streams` belong to the event loop. `generate` is an async generator: when
-its consumer goes away (client cancel, deadline) the request is aborted and
-its KV slot is freed at the next step boundary.
+`_streams` belong to the event loop. `submit` admits a request and returns its
+`OutputStream`; `generate` is the same as an async generator. When the consumer
+goes away (client cancel, deadline, disconnect) the stream is closed, the
+request aborted and its KV slot freed at the next step boundary.
 
 Draining (graceful shutdown, `server.drain`): `begin_drain` refuses new requests
 with EngineStopped (UNAVAILABLE) while those in flight continue; `wait_idle`
@@ -39,39 +40,44 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: Request) -> AsyncIterator[StepOutput]:
+    def submit(self, request: Request) -> "OutputStream":
+        """Admit `request` now (raising InvalidRequest, QueueFull or EngineStopped at once, before any await)
+        and return the stream of its outputs. The caller must `close()` the stream when done with it: a
+        stream closed before its request finished aborts the request (its KV slot is freed at the next step).
+        Event loop only."""
         if self._stopped:
             raise EngineStopped("the engine is shutting down")
         if self._draining:
             raise EngineStopped("the server is draining (shutting down) and accepts no new requests; "
                                 "retry on another router")
         request.request_id = request.request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
         # add_request first: a refused request (e.g. a duplicate of an in-flight id) must leave the stream
         # and the request that own that id alone. No output is lost: outputs reach `_streams` through
         # callbacks on this loop, which cannot run before the next await.
         self.engine.add_request(request)
-        self._streams[request.request_id] = queue
+        stream = OutputStream(self, request.request_id)
+        self._streams[request.request_id] = stream.queue
         self._idle.clear()
         self._wake.set()
-        finished = False
+        return stream
+
+    async def generate(self, request: Request) -> AsyncIterator[StepOutput]:
+        """submit, then the outputs until the last; the request is aborted if the consumer stops early."""
+        stream = self.submit(request)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            if self._streams.get(request.request_id) is queue:  # a reused id may own the entry by now
-                del self._streams[request.request_id]
-                if not self._streams:
-                    self._idle.set()
-            if not finished:
-                self.engine.abort(request.request_id)
-                self._wake.set()
+            stream.close()
+
+    def _release(self, stream: "OutputStream") -> None:
+        if self._streams.get(stream.request_id) is stream.queue:  # a reused id may own the entry by now
+            del self._streams[stream.request_id]
+            if not self._streams:
+                self._idle.set()
+        if not stream.finished:
+            self.engine.abort(stream.request_id)
+            self._wake.set()
 
     @property
     def in_flight(self) -> int:
@@ -133,6 +139,36 @@ class AsyncEngine:
                 continue
             if outputs:  # one wake-up of the event loop per step, not one per request: it shares our GIL
                 self.loop.call_soon_threadsafe(self._deliver, [(out.request_id, out) for out in outputs])
+
+
+class OutputStream:
+    """One admitted request's outputs, in order (event loop only): iterate it until the output that
+    finishes the request, and close it in any case."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str):
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True  # a failed step already dropped the request from the engine
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        """Stop listening; aborts the request unless it finished. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.engine._release(self)
 
 
 class EngineStepError(RuntimeError):

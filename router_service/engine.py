@@ -29,7 +29,7 @@ from router_service.dispatch import ExpertDispatcher, LocalDispatcher
 from router_service.errors import InvalidRequest, QueueFull
 from router_service.kv_cache import KVCache
 from router_service.model import MICRO_BATCH_MIN_TOKENS, CausalLM, ForwardBatch, SeqChunk
-from router_service.sampling import SamplingParams, make_generator, sample
+from router_service.sampling import SamplingParams, TopLogprobs, make_generator, sample
 from router_service.tokenizer import TextStream, Tokenizer
 
 FinishReason = Literal["length", "stop", "eos", "cancelled"]
@@ -111,6 +111,7 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     queue_seconds: float = 0.0  # arrival to admission
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -125,6 +126,7 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
 
@@ -147,6 +149,7 @@ class _Sequence:
         self.emitted = 0  # characters of `text` already reported
         self.pending_tokens: list[int] = []
         self.pending_logprobs: list[float] = []
+        self.pending_top_logprobs: list[TopLogprobs] = []
 
     @property
     def num_generated(self) -> int:
@@ -249,10 +252,11 @@ class Engine:
         if ready:
             seqs = [chunks[r][0] for r in ready]
             with prof("sampling"):
-                tokens, logprobs = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
+                tokens, logprobs, top = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs])
             with prof("detokenize"):
                 for i, seq in enumerate(seqs):
-                    outputs.append(self._append(seq, tokens[i], None if logprobs is None else logprobs[i]))
+                    outputs.append(self._append(seq, tokens[i], None if logprobs is None else logprobs[i],
+                                                None if top is None else top[i]))
         self._running = [s for s in self._running if s.slot is not None]
         return outputs
 
@@ -279,13 +283,15 @@ class Engine:
             budget -= n
         return chunks
 
-    def _append(self, seq: _Sequence, token: int, logprob: float | None) -> StepOutput:
+    def _append(self, seq: _Sequence, token: int, logprob: float | None, top: TopLogprobs | None) -> StepOutput:
         """Add a sampled token; decide whether the sequence ends; build its output."""
         p = seq.params
         seq.token_ids.append(token)
         seq.pending_tokens.append(token)
         if logprob is not None and p.logprobs:
             seq.pending_logprobs.append(logprob)
+            if p.top_logprobs:
+                seq.pending_top_logprobs.append(top)
         reason: FinishReason | None = None
         if seq.stream is not None:
             seq.text += seq.stream.step(token)
@@ -301,8 +307,9 @@ class Engine:
         hold = 0 if reason or not p.stop else max(len(s) for s in p.stop) - 1
         end = max(seq.emitted, len(seq.text) - hold)
         out = StepOutput(seq.request.request_id, seq.pending_tokens, seq.pending_logprobs, seq.text[seq.emitted:end],
-                         reason, seq.num_prompt, seq.num_generated, seq.admitted - seq.arrival)
-        seq.emitted, seq.pending_tokens, seq.pending_logprobs = end, [], []
+                         reason, seq.num_prompt, seq.num_generated, seq.admitted - seq.arrival,
+                         seq.pending_top_logprobs)
+        seq.emitted, seq.pending_tokens, seq.pending_logprobs, seq.pending_top_logprobs = end, [], [], []
         if reason is not None:
             self._finish(seq)
         return out
@@ -361,6 +368,7 @@ class Engine:
                 c = results[out.request_id]
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs
+                c.top_logprobs += out.top_logprobs
                 c.text += out.text
                 if out.finished:
                     c.finish_reason = out.finish_reason

@@ -19,6 +19,7 @@ from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
 from router_service.errors import InvalidRequest
+from router_service.http_server import start_http_server
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementPlan
 from router_service.security import controller_security
@@ -34,7 +35,7 @@ class Router:
 
     def __init__(self, router_id: int, model_dir: str, engine_settings: dict, plan: PlacementPlan, host: str,
                  port: int, namespace: str, controller_name: str, load_window_seconds: float = 60.0,
-                 torch_threads: int | None = None, transport: str = "socket"):
+                 torch_threads: int | None = None, transport: str = "socket", http_port: int | None = None):
         # Default: every CPU of the node. A router and its workers take turns (it runs attention while they
         # wait for its tokens, and waits while they compute), so it may use the cores they leave idle; measured
         # with 2 workers on 2 cores, batch 32: 2 router threads 251-280 tok/s against 219-247 with one.
@@ -44,6 +45,8 @@ class Router:
         self.engine_settings = EngineSettings(**engine_settings)
         self.plan = plan
         self.host, self.port = host, port
+        self.http_port = http_port  # None: no HTTP front
+        self.http = None
         self.namespace, self.controller_name = namespace, controller_name
         self.load_window_seconds = load_window_seconds
         self.transport_name = transport
@@ -61,15 +64,19 @@ class Router:
     def _worker_handles(self, plan: PlacementPlan) -> dict:
         return {w.worker_id: self._actor(w.name) for w in plan.workers}
 
-    async def start(self, plan: PlacementPlan | None = None, port: int | None = None) -> int:
-        """Load the non-expert weights, start the engine and the gRPC server; returns the bound port.
+    async def start(self, plan: PlacementPlan | None = None, port: int | None = None,
+                    http_port: int | None = None) -> dict:
+        """Load the non-expert weights, start the engine, the gRPC server and the HTTP server (when it has a
+        port); returns the bound ports, {"grpc": port, "http": port or None}.
 
         After Ray restarted this actor, the controller calls it again with the current plan and the
-        port clients know, since the constructor's arguments are those of the first start."""
+        ports clients know, since the constructor's arguments are those of the first start."""
         if plan is not None:
             self.plan = plan
         if port is not None:
             self.port = port
+        if http_port is not None:
+            self.http_port = http_port
         controller = self._actor(self.controller_name)
         self.dispatcher = await asyncio.to_thread(
             ClusterDispatcher, self.plan, self._transport(), self._worker_handles(self.plan),
@@ -85,12 +92,18 @@ class Router:
             except InvalidRequest as err:  # Ray's wrapper of the controller's error: its str is a traceback
                 raise InvalidRequest(err.field, err.message) from None
         self.metrics = RouterMetrics(f"router-{self.router_id}")
+        security = await controller.__ray_call__.remote(controller_security)
+        model_name = os.path.basename(self.model_dir.rstrip("/"))
         self.server, self.port, self.health = await start_server(
-            self.engine, admin, self.host, self.port, os.path.basename(self.model_dir.rstrip("/")), self.model_dir,
-            self.metrics, security=await controller.__ray_call__.remote(controller_security))
+            self.engine, admin, self.host, self.port, model_name, self.model_dir, self.metrics, security=security)
+        if self.http_port is not None:
+            self.http = await start_http_server(self.engine, self.host, self.http_port, model_name, self.metrics,
+                                                security)
+            self.http_port = self.http.port
         self._exporter = asyncio.create_task(self._export_metrics())
-        log.info("router %d serving on %s:%d", self.router_id, self.host, self.port)
-        return self.port
+        log.info("router %d serving gRPC on %s:%d, HTTP on %s", self.router_id, self.host, self.port,
+                 self.http_port)
+        return {"grpc": self.port, "http": self.http_port}
 
     async def _export_metrics(self, every_seconds: float = 5.0) -> None:
         while True:
@@ -118,7 +131,8 @@ class Router:
         if self.server is None:
             return {"router_id": self.router_id, "started": False, "max_rss_bytes": rss}
         e = self.engine.engine
-        return {"router_id": self.router_id, "started": True, "port": self.port, "running": e.num_running,
+        return {"router_id": self.router_id, "started": True, "port": self.port, "http_port": self.http_port,
+                "running": e.num_running,
                 "waiting": e.num_waiting, "kv_slots_used": e.kv.used_slots, "kv_slots": e.kv.num_slots,
                 "steps": e.steps, "plan_version": self.dispatcher.plan.version,
                 "recoveries": list(self.dispatcher.recoveries), "max_rss_bytes": rss}
@@ -138,6 +152,7 @@ class Router:
         to finish, the rest are cancelled; then the server and engine stop. A second call waits for the first."""
         if self.server is not None:
             server, self.server = self.server, None
-            self._drain = asyncio.ensure_future(drain(server, self.engine, self.health, grace_seconds))
+            self._drain = asyncio.ensure_future(drain(server, self.engine, self.health, grace_seconds,
+                                                      http=self.http))
         drained = getattr(self, "_drain", None)
         return await asyncio.shield(drained) if drained is not None else None

@@ -13,6 +13,11 @@ import torch
 
 from router_service.errors import InvalidRequest
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the top-k of one row of logits is cheap, but the wire and JSON are not
+
+# One sampled token's alternatives: (token id, log-probability), most likely first.
+TopLogprobs = list[tuple[int, float]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +30,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # return the chosen token's log-probability (unscaled distribution)
+    top_logprobs: int = 0  # also return this many most likely tokens and their log-probabilities (needs logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -41,6 +47,10 @@ class SamplingParams:
             raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(s == "" for s in self.stop):
             raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest("sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("sampling.top_logprobs", "needs logprobs")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequest("sampling.stop_token_ids", f"ids {bad} are outside the vocabulary [0, {vocab_size})")
@@ -56,18 +66,25 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-           ) -> tuple[list[int], list[float] | None]:
-    """Next token per sequence. logits [S, V] fp32. Returns ids and, if any asked, log-probs."""
+           ) -> tuple[list[int], list[float] | None, list[TopLogprobs] | None]:
+    """Next token per sequence. logits [S, V] fp32. Returns ids and, if any sequence asked, each one's
+    log-prob of its token and its top_logprobs alternatives (empty lists for sequences that did not ask)."""
     if all(p.greedy for p in params):
         tokens = logits.argmax(dim=-1)  # [S]
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         for i, (p, gen) in enumerate(zip(params, generators)):
             tokens[i] = logits[i].argmax() if p.greedy else _sample_one(logits[i], p, gen)
-    logprobs = None
+    logprobs = top = None
     if any(p.logprobs for p in params):
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1).tolist()
-    return tokens.tolist(), logprobs
+        all_logprobs = torch.log_softmax(logits, dim=-1)  # [S, V]
+        logprobs = all_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k = max(p.top_logprobs for p in params)
+        if k:
+            values, ids = all_logprobs.topk(k, dim=-1)  # [S, k] each, most likely first
+            values, ids = values.tolist(), ids.tolist()
+            top = [list(zip(ids[i][:p.top_logprobs], values[i][:p.top_logprobs])) for i, p in enumerate(params)]
+    return tokens.tolist(), logprobs, top
 
 
 def _sample_one(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,20 @@ class ServerSecurity:
         ca = _read("tls_client_ca_file", self.tls_client_ca_file) if self.tls_client_ca_file else None
         return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS (and mutual TLS) for the HTTP server, or None for plaintext."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            if self.tls_client_ca_file:
+                ctx.load_verify_locations(self.tls_client_ca_file)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as err:
+            raise SecurityConfigError(f"tls_cert_file/tls_key_file/tls_client_ca_file: {err}") from None
+        return ctx
+
     def check(self) -> None:
         """Read every configured file once, so that a typo fails at start-up rather than on the routers."""
         self.token()
@@ -125,13 +140,25 @@ def _service_of(method: str) -> str:
     return method.lstrip("/").split("/", 1)[0]
 
 
+def bearer_credentials(value: str | bytes | None) -> str | None:
+    """The token of an `authorization` value 'Bearer <token>' (gRPC metadata or HTTP header), else None."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, credentials = value.strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
+def token_matches(presented: str, token: bytes) -> bool:
+    """Constant-time comparison, so that the time taken does not reveal how much of a guess was right."""
+    return hmac.compare_digest(presented.encode("utf-8", "replace"), token)
+
+
 def _bearer(metadata) -> str | None:
     for key, value in metadata or ():
         if key == AUTH_METADATA_KEY:
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            scheme, _, credentials = value.strip().partition(" ")
-            return credentials.strip() if scheme.lower() == "bearer" else None
+            return bearer_credentials(value)
     return None
 
 
@@ -186,7 +213,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if presented is None:
             return _refusal(handler, "missing bearer token: send metadata 'authorization: Bearer <token>'",
                             self._refused)
-        if not hmac.compare_digest(presented.encode("utf-8", "replace"), self._token):
+        if not token_matches(presented, self._token):
             return _refusal(handler, "invalid bearer token", self._refused)
         return handler
 

@@ -28,7 +28,7 @@ from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.async_engine import AsyncEngine, EngineStepError
 from router_service.engine import Request, StepOutput
 from router_service.errors import EngineStopped, InvalidRequest, QueueFull
-from router_service.metrics import RouterMetrics
+from router_service.metrics import RequestTimer, RouterMetrics
 from router_service.sampling import SamplingParams
 from router_service.security import BearerTokenInterceptor, ServerSecurity
 
@@ -82,34 +82,9 @@ def to_request(msg: pb2.GenerateRequest, tokenizer) -> Request:
     return Request(msg.request_id, ids, params)
 
 
-class _Timer:
-    """Arrival-relative timings of one request; feeds the latency histograms when metrics are on."""
-
-    def __init__(self, metrics: RouterMetrics | None):
-        self.metrics = metrics
-        self.arrival = time.perf_counter()
-        self.first_token: float | None = None
-        self.last_token = 0.0
-        self.queue = 0.0
-
-    def saw(self, out: StepOutput) -> None:
-        if not out.token_ids:
-            return
-        now = time.perf_counter()
-        if self.first_token is None:
-            self.first_token = now - self.arrival
-            self.queue = out.queue_seconds
-            if self.metrics:
-                self.metrics.first_token(self.first_token)
-        elif self.metrics:
-            self.metrics.inter_token(now - self.last_token)
-        self.last_token = now
-        if self.metrics:
-            self.metrics.tokens(len(out.token_ids))
-
-    def message(self) -> pb2.Timings:
-        return pb2.Timings(queue_seconds=self.queue, time_to_first_token_seconds=self.first_token or 0.0,
-                           total_seconds=time.perf_counter() - self.arrival)
+def _timings(timer: RequestTimer) -> pb2.Timings:
+    return pb2.Timings(queue_seconds=timer.queue, time_to_first_token_seconds=timer.first_token or 0.0,
+                       total_seconds=timer.total)
 
 
 def _usage(out: StepOutput) -> pb2.Usage:
@@ -127,7 +102,7 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: pb2.GenerateRequest, context) -> pb2.GenerateResponse:
         req = to_request(request, self.engine.engine.tokenizer)
-        timer = _Timer(self.metrics)
+        timer = RequestTimer(self.metrics)
         response = pb2.GenerateResponse()
         async for out in self.engine.generate(req):
             timer.saw(out)
@@ -138,12 +113,12 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
                 response.finish_reason = FINISH_REASONS[out.finish_reason]
                 response.usage.CopyFrom(_usage(out))
         response.request_id = req.request_id
-        response.timings.CopyFrom(timer.message())
+        response.timings.CopyFrom(_timings(timer))
         return response
 
     async def GenerateStream(self, request: pb2.GenerateRequest, context):
         req = to_request(request, self.engine.engine.tokenizer)
-        timer = _Timer(self.metrics)
+        timer = RequestTimer(self.metrics)
         async for out in self.engine.generate(req):
             timer.saw(out)
             msg = pb2.GenerateStreamResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text,
@@ -151,7 +126,7 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
             if out.finished:
                 msg.finish_reason = FINISH_REASONS[out.finish_reason]
                 msg.usage.CopyFrom(_usage(out))
-                msg.timings.CopyFrom(timer.message())
+                msg.timings.CopyFrom(_timings(timer))
             yield msg
 
     async def Tokenize(self, request: pb2.TokenizeRequest, context) -> pb2.TokenizeResponse:
@@ -355,15 +330,17 @@ async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: st
 
 
 async def drain(server: grpc.aio.Server, engine: AsyncEngine, health_servicer, grace_seconds: float,
-                finish_seconds: float = 5.0) -> dict:
+                finish_seconds: float = 5.0, http=None) -> dict:
     """Graceful shutdown: refuse new work, let in-flight requests finish, cancel the rest, stop.
 
-    1. New Generate/GenerateStream calls get UNAVAILABLE ("... draining ..."); health reports
-       NOT_SERVING for every service, so load balancers and probes stop sending traffic.
+    1. New Generate/GenerateStream calls get UNAVAILABLE ("... draining ..."), and new HTTP requests
+       (`http`, the router's HTTPServer, if any) 503; health reports NOT_SERVING for every service
+       (HTTP /health 503), so load balancers and probes stop sending traffic.
     2. Requests in flight (running or queued) run to completion for up to `grace_seconds`.
     3. Whatever is left is cancelled: those calls end normally with FINISH_REASON_CANCELLED and the
        tokens generated so far.
-    4. The gRPC server stops (up to `finish_seconds` for the last responses to go out), then the engine.
+    4. The gRPC server stops (up to `finish_seconds` for the last responses to go out), then the HTTP
+       server, then the engine.
     Returns counts for logs: requests finished during the grace period and cancelled at its end.
     """
     started = time.monotonic()
@@ -378,6 +355,8 @@ async def drain(server: grpc.aio.Server, engine: AsyncEngine, health_servicer, g
         log.info("drain grace over: cancelling %d requests", cancelled)
         await engine.wait_idle(finish_seconds)
     await server.stop(finish_seconds)
+    if http is not None:
+        await http.stop()
     engine.stop()
     summary = {"in_flight": in_flight, "cancelled": cancelled, "seconds": time.monotonic() - started}
     log.info("drained: %s", summary)

@@ -8,6 +8,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from router_service.chat_template import ChatTemplate
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
 
 class Tokenizer:
     def __init__(self, path: str | Path):
@@ -19,18 +23,25 @@ class Tokenizer:
         self.eos_token_id = self._special_id("eos_token")
         # tokenizer_config's add_bos_token is applied by transformers, not by tokenizer.json.
         self.add_bos = bool(self._config.get("add_bos_token", False)) and self.bos_token_id is not None
+        special = {key: self._special_text(key) for key in SPECIAL_TOKEN_KEYS}
+        self.chat_template = ChatTemplate.from_model_dir(
+            self.path.parent, self._config, {k: v for k, v in special.items() if v is not None})
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
         path = Path(model_dir) / "tokenizer.json"
         return cls(path) if path.exists() else None
 
-    def _special_id(self, key: str) -> int | None:
-        # tokenizer_config.json names bos/eos by content; map it to an id.
+    def _special_text(self, key: str) -> str | None:
+        # tokenizer_config.json names special tokens by content, as a string or an AddedToken dict.
         token = self._config.get(key)
         if isinstance(token, dict):
             token = token.get("content")
-        return self.hf.token_to_id(token) if isinstance(token, str) else None
+        return token if isinstance(token, str) else None
+
+    def _special_id(self, key: str) -> int | None:
+        token = self._special_text(key)
+        return self.hf.token_to_id(token) if token is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
@@ -43,6 +54,19 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it reads on its own (special tokens included), e.g. for log-prob listings;
+        a token that is part of a multi-byte character reads as replacement characters."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template rendered over `messages`; the template places any special tokens
+        (bos included) itself. Raises LookupError when the checkpoint has no template, ChatTemplateError
+        when the template refuses the messages."""
+        if self.chat_template is None:
+            raise LookupError("this model has no chat template (tokenizer_config.json's chat_template)")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt), add_special_tokens=False)
 
     def stream(self) -> "TextStream":
         return TextStream(self)

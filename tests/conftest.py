@@ -8,10 +8,15 @@ because starting Ray costs seconds on a small machine.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests start many clusters: their routers' OpenAI HTTP servers take free ports rather than the default 8000
+# (a test that wants a given port says so in its ClusterSettings).
+os.environ.setdefault("MOE_SERVE_HTTP_PORT", "0")
 
 # One torch thread in the test process: the machine has two cores, and Ray actors
 # (routers, expert workers) spawned by cluster tests need the other.
@@ -85,7 +90,8 @@ def ray_metrics_port(ray_session) -> int:
 
 
 class LocalServer:
-    """A tiny-model engine behind `start_server` on its own asyncio loop in a background thread, as in a router.
+    """A tiny-model engine behind `start_server` (gRPC) and `start_http_server` (the OpenAI API), on its own
+    asyncio loop in a background thread, as in a router.
 
     Tests talk to it over real channels and read `engine` (the synchronous Engine) directly, e.g. to check
     that every KV slot is free again. `run(coro)` runs a coroutine on the server's loop (e.g. `server.drain`).
@@ -97,9 +103,11 @@ class LocalServer:
 
         from router_service.async_engine import AsyncEngine
         from router_service.engine import load_engine
+        from router_service.http_server import start_http_server
         from router_service.server import start_server
 
         self.engine = load_engine(model_dir, settings)
+        self.security = security
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
         self._thread.start()
@@ -108,13 +116,19 @@ class LocalServer:
             async_engine = AsyncEngine(self.engine, asyncio.get_running_loop())  # needs the loop it runs on
             server, port, health = await start_server(async_engine, admin, "127.0.0.1", 0, "tiny", model_dir,
                                                       security=security)
-            return async_engine, server, port, health
+            http = await start_http_server(async_engine, "127.0.0.1", 0, "tiny", security=security)
+            return async_engine, server, port, health, http
 
-        self.async_engine, self.server, self.port, self.health = self.run(start(), 60)
+        self.async_engine, self.server, self.port, self.health, self.http = self.run(start(), 60)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI API (http://127.0.0.1:PORT; https when the server has TLS)."""
+        return f"http{'s' if self.security is not None and self.security.tls else ''}://127.0.0.1:{self.http.port}"
 
     def run(self, coro, timeout: float = 60):
         import asyncio
@@ -124,6 +138,7 @@ class LocalServer:
     def close(self) -> None:
         self.async_engine.stop()
         self.run(self.server.stop(1), 30)
+        self.run(self.http.stop(), 30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

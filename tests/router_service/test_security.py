@@ -344,3 +344,89 @@ def test_unreadable_files_are_refused_naming_the_setting(tmp_path, pki):
     empty.write_text("\n")
     with pytest.raises(SecurityConfigError, match="auth_token_file: .* is empty"):
         ServerSecurity(auth_token_file=str(empty)).check()
+
+
+# --- the OpenAI HTTP API: the same token and TLS ------------------------------------------------------------
+
+
+def openai_client(base_url: str, api_key: str, verify=None):
+    """The official client; `verify`: an ssl.SSLContext for HTTPS."""
+    import openai
+
+    http_client = openai.DefaultHttpxClient(verify=verify) if verify is not None else None
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=TIMEOUT,
+                         http_client=http_client)
+
+
+def http_complete(client) -> str:
+    return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
+
+
+def raw_http(url: str, method: str = "GET", body: dict | None = None, headers: dict | None = None,
+             context=None) -> tuple[int, dict]:
+    """(status, JSON body) of one plain HTTP call (stdlib, so nothing in between interprets the answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT, context=context) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("headers, why", [({}, "missing"), ({"Authorization": "Bearer wrong"}, "invalid"),
+                                          ({"Authorization": f"Basic {TOKEN}"}, "missing")])
+def test_http_calls_without_the_right_token_are_401_and_health_stays_open(token_server, headers, why):
+    url = token_server.http_url
+    for method, path, body in [("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 3}),
+                               ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                               ("GET", "/v1/models", None)]:
+        status, answer = raw_http(url + path, method, body, headers)
+        assert status == 401, (path, answer)
+        assert why in answer["error"]["message"] and answer["error"]["type"] == "authentication_error"
+    assert raw_http(url + "/health")[0] == 200
+
+
+def test_the_openai_client_with_the_right_token_is_served(token_server):
+    import openai
+
+    assert http_complete(openai_client(token_server.http_url, TOKEN))
+    with pytest.raises(openai.AuthenticationError):
+        http_complete(openai_client(token_server.http_url, "wrong"))
+
+
+def test_https_with_the_grpc_servers_certificate(tls_server, pki):
+    import ssl
+    import urllib.error
+
+    assert http_complete(openai_client(tls_server.http_url, "unused", verify=ssl.create_default_context(cafile=pki.ca)))
+    plain = tls_server.http_url.replace("https://", "http://")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to the TLS port: no answer
+        raw_http(plain + "/health")
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # a CA that signed nothing here
+        raw_http(tls_server.http_url + "/health", context=ssl.create_default_context(cafile=pki.other_ca))
+
+
+def test_https_with_mutual_tls_needs_a_client_certificate_and_the_token(mtls_server, pki):
+    import ssl
+    import urllib.error
+
+    def client_ctx(cert=None, key=None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=pki.ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+    url = mtls_server.http_url
+    for ctx in (client_ctx(), client_ctx(pki.other_client_cert, pki.other_client_key)):
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            raw_http(url + "/health", context=ctx)
+    ours = client_ctx(pki.client_cert, pki.client_key)
+    assert raw_http(url + "/health", context=ours)[0] == 200
+    assert raw_http(url + "/v1/models", context=ours)[0] == 401  # the certificate does not replace the token
+    assert http_complete(openai_client(url, TOKEN, verify=ours))
