@@ -358,7 +358,8 @@ async def start_http_server(engine: AsyncEngine, host: str, port: int, model_nam
     security = security or ServerSecurity()
     front = OpenAIFront(engine, model_name, metrics, security.token())
     # handler_cancellation: a dropped connection cancels its handler, which aborts its requests.
-    runner = web.AppRunner(front.app(), handler_cancellation=True, access_log=None)
+    # shutdown_timeout: on stop, how long responses still going out may take (the gRPC side's finish_seconds).
+    runner = web.AppRunner(front.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=security.ssl_context(), reuse_address=True)
     try:

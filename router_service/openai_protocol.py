@@ -139,12 +139,19 @@ def parse(model: type[_Common], body: Any) -> _Common:
     try:
         request = model.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
-        message = "is not a known or supported field" if first["type"] == "extra_forbidden" else first["msg"]
+        # A value that fits no member of a union fails once per member: the one that got furthest says most.
+        worst = max(err.errors(), key=lambda e: len(e["loc"]))
+        field = ".".join(str(part) for part in worst["loc"] if not _is_union_member(part)) or "body"
+        message = "is not a known or supported field" if worst["type"] == "extra_forbidden" else worst["msg"]
         raise InvalidRequest(field, message) from None
     request.check()
     return request
+
+
+def _is_union_member(loc_part) -> bool:
+    """pydantic names the union member an error is about inside the location: 'str', 'list[TextPart]'."""
+    return isinstance(loc_part, str) and (loc_part in {"str", "int", "float", "bool", "dict", "list"}
+                                          or "[" in loc_part)
 
 
 # --- requests -> engine requests ---------------------------------------------------------------------------

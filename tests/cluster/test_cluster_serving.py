@@ -67,6 +67,18 @@ def target(cluster):
 
 
 @pytest.fixture(scope="module")
+def openai_client(controller):
+    """The official client on router 0's OpenAI HTTP API."""
+    import openai
+    import ray
+
+    (endpoint,) = ray.get(controller.endpoints.remote())
+    assert endpoint["http"] > 0
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{endpoint['http']}/v1", api_key="unused", max_retries=0,
+                         timeout=RPC_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
 def channel(target):
     with grpc.insecure_channel(target) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
@@ -276,14 +288,31 @@ def test_cli_status_and_generate(target, reference):
     assert record["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6}
 
 
-def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics_port):
-    """After traffic, our ray.util.metrics appear (ray_ prefix) on the node's metrics endpoint with sane values."""
+def test_greedy_chat_streamed_over_http_equals_the_engine_and_grpc(openai_client, stub, reference):
+    """The OpenAI API on the cluster: a streamed chat completion through the expert workers gives the engine's
+    greedy tokens on the chat template's prompt, and the same text as gRPC on those ids."""
+    messages = [{"role": "user", "content": "Which expert computes this?"}]
+    ids = reference.tokenizer.apply_chat_template(messages)
+    expected = reference.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    chunks = list(openai_client.chat.completions.create(
+        model=openai_client.models.list().data[0].id, messages=messages, max_tokens=8, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == len(ids)
+    g = stub.Generate(greedy(ids, 8), timeout=RPC_TIMEOUT)
+    assert list(g.token_ids) == expected.token_ids and g.text == expected.text
+
+
+def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics_port, openai_client):
+    """After traffic, our ray.util.metrics appear (ray_ prefix) on the node's metrics endpoint with sane values;
+    requests count by protocol, gRPC and HTTP."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     for ids in ([1, 2, 3], [4, 5]):
         stub.Generate(greedy(ids, 4), timeout=RPC_TIMEOUT)
+    openai_client.completions.create(model=openai_client.models.list().data[0].id, prompt=[1, 2, 3], max_tokens=2)
     wanted = {"ray_moe_serve_requests", "ray_moe_serve_expert_tokens", "ray_moe_serve_workers",
               "ray_moe_serve_plan_version", "ray_moe_serve_time_to_first_token_seconds", "ray_moe_serve_kv_slots",
               "ray_moe_serve_generated_tokens", "ray_moe_serve_expert_replicas"}
@@ -311,13 +340,15 @@ def test_metrics_reach_the_ray_prometheus_endpoint(stub, controller, ray_metrics
                 samples.setdefault(family.name, []).extend(family.samples)
         flat = [s for family in samples.values() for s in family]
         ours = (value("ray_moe_serve_requests_total", code="OK", WorkerId=router_id) >= 2
+                and value("ray_moe_serve_requests_total", code="200", protocol="http", WorkerId=router_id) >= 1
                 and any(s.labels.get("WorkerId") == controller_id for s in samples.get("ray_moe_serve_workers", [])))
         if (wanted <= set(samples) and ours) or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert wanted <= set(samples), sorted(wanted - set(samples))
 
-    assert value("ray_moe_serve_requests_total", code="OK", WorkerId=router_id) >= 2
+    assert value("ray_moe_serve_requests_total", code="OK", protocol="grpc", WorkerId=router_id) >= 2
+    assert value("ray_moe_serve_requests_total", code="200", protocol="http", WorkerId=router_id) >= 1
     assert value("ray_moe_serve_workers", WorkerId=controller_id) == NUM_WORKERS
     assert value("ray_moe_serve_plan_version", WorkerId=controller_id) == 1
     assert value("ray_moe_serve_kv_slots", router="router-0", WorkerId=router_id) == ENGINE.max_num_seqs

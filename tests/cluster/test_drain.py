@@ -139,7 +139,7 @@ def free_port() -> int:
 @pytest.fixture
 def moe_serve(tiny_model, tmp_path):
     """`moe-serve serve` on the tiny model with one expert worker, on a free port; killed if still running."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     env = {**os.environ, "MOE_SERVE_DRAIN_GRACE_SECONDS": str(GRACE_SECONDS),
@@ -148,9 +148,9 @@ def moe_serve(tiny_model, tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", tiny_model, "--port",
-                                 str(port), "--workers", "1", "--address", "local"],
+                                 str(port), "--http-port", str(http_port), "--workers", "1", "--address", "local"],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    proc.port, proc.log_path = port, log_path
+    proc.port, proc.http_port, proc.log_path, proc.model = port, http_port, log_path, tiny_model
     try:
         yield proc
     finally:
@@ -165,6 +165,9 @@ def log_tail(proc) -> str:
 
 @pytest.mark.cluster
 def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
+    """gRPC and OpenAI HTTP streams in flight at SIGTERM finish, new requests on both are refused as draining."""
+    import openai
+
     target = f"127.0.0.1:{moe_serve.port}"
     started = time.monotonic()
     try:
@@ -181,6 +184,14 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
         calls = [stub.GenerateStream(ids_request(STREAM_TOKENS, first=5 + i), timeout=120, metadata=AUTH)
                  for i in range(3)]
         heads = [next(c) for c in calls]  # all three are generating
+        http = openai.OpenAI(base_url=f"http://127.0.0.1:{moe_serve.http_port}/v1", api_key=TOKEN, max_retries=0,
+                             timeout=120)
+        chat = http.chat.completions.create(model=Path(moe_serve.model).name,
+                                            messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=STREAM_TOKENS, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chat_head = next(iter(chat))  # the HTTP stream is generating too (its first chunk names the role)
+        assert chat_head.choices[0].delta.role == "assistant"
 
         moe_serve.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -188,10 +199,16 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
                              for s in [*SERVICES, "moeserve.v1.ClusterAdmin"]), 10, "NOT_SERVING")
         not_serving_after = time.monotonic() - signalled
         refused_as_draining(stub, AUTH)
+        with pytest.raises(openai.APIStatusError) as refused:
+            http.completions.create(model=Path(moe_serve.model).name, prompt="x", max_tokens=2)
+        assert refused.value.status_code == 503 and "draining" in refused.value.body["message"]
         for head, call in zip(heads, calls):
             messages = [head, *call]  # raises if the stream fails
             assert messages[-1].finish_reason == pb2.FINISH_REASON_LENGTH, log_tail(moe_serve)
             assert sum(len(m.token_ids) for m in messages) == STREAM_TOKENS
+        chat_chunks = list(chat)
+        assert [c.choices[0].finish_reason for c in chat_chunks if c.choices][-1] == "length"
+        assert chat_chunks[-1].usage.completion_tokens == STREAM_TOKENS
         streams_done_after = time.monotonic() - signalled
         assert streams_done_after < GRACE_SECONDS, "the streams outlived the grace period (not a drain test then)"
     try:
@@ -204,4 +221,4 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(moe_serve):
     assert rc == 0, log_tail(moe_serve)
     assert exited_after < GRACE_SECONDS, f"exit took {exited_after:.1f} s\n{log_tail(moe_serve)}"
     log = Path(moe_serve.log_path).read_text(errors="replace")
-    assert "draining" in log and "'in_flight': 3, 'cancelled': 0" in log, log_tail(moe_serve)
+    assert "draining" in log and "'in_flight': 4, 'cancelled': 0" in log, log_tail(moe_serve)
