@@ -390,18 +390,47 @@ def direct_round_trip(transport_name: str, workers: dict, batch: int, hidden_siz
 # --- latency under concurrent streams ---------------------------------------------------------------
 
 
-def stream_latency(stub, prompts: list[list[int]], tokens: int, stagger_s: float) -> dict:
-    """Each prompt its own GenerateStream, the i-th sent i * stagger_s after the first; times client side."""
+def grpc_stream(stub):
+    """One greedy GenerateStream: yields the number of tokens in each message that has some."""
+
+    def stream(ids: list[int], tokens: int):
+        for msg in stub.GenerateStream(_greedy_request(ids, tokens), timeout=RPC_TIMEOUT):
+            if msg.token_ids:
+                yield len(msg.token_ids)
+
+    return stream
+
+
+def http_stream(base_url: str):
+    """One greedy streamed completion through the OpenAI API with the official client: yields 1 per chunk that
+    carries a token (each decode step streams one chunk per sequence), checking the count against usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=RPC_TIMEOUT)
+
+    def stream(ids: list[int], tokens: int):
+        chunks = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=tokens,
+                                           temperature=0, stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
+        for chunk in chunks:
+            if chunk.choices:
+                yield 1
+            elif chunk.usage.completion_tokens != tokens:
+                raise RuntimeError(f"an HTTP stream generated {chunk.usage.completion_tokens} tokens, asked {tokens}")
+
+    return stream
+
+
+def stream_latency(stream, prompts: list[list[int]], tokens: int, stagger_s: float) -> dict:
+    """Each prompt its own stream (grpc_stream or http_stream), the i-th sent i * stagger_s after the first;
+    times client side."""
     records: list = [None] * len(prompts)
     start = time.perf_counter() + 0.05
 
     def one(i: int) -> None:
         time.sleep(max(0.0, start + i * stagger_s - time.perf_counter()))
         sent = time.perf_counter()
-        arrivals = []
-        for msg in stub.GenerateStream(_greedy_request(prompts[i], tokens), timeout=RPC_TIMEOUT):
-            if msg.token_ids:
-                arrivals.append((time.perf_counter(), len(msg.token_ids)))
+        arrivals = [(time.perf_counter(), n) for n in stream(prompts[i], tokens)]
         records[i] = (sent, arrivals)
 
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -417,6 +446,24 @@ def stream_latency(stub, prompts: list[list[int]], tokens: int, stagger_s: float
     return {"ttft_ms": pct(ttft), "itl_ms": pct(itl), "itl_samples": len(itl)}
 
 
+def _protocol_latency(cluster, prompts: list[list[int]], args) -> dict:
+    """TTFT and ITL over gRPC and over the OpenAI HTTP API on the same router, in alternating rounds (samples
+    pooled per protocol), so that both see the same machine."""
+    streams = {"grpc": grpc_stream(cluster.stub), "http": http_stream(cluster.http_url)}
+    for stream in streams.values():  # warm-up: connections, and the HTTP client's first request
+        list(stream(prompts[0], 2))
+    rounds: dict[str, list[dict]] = {p: [] for p in streams}
+    for _ in range(max(args.rounds - 1, 1)):
+        for protocol, stream in streams.items():
+            rounds[protocol].append(stream_latency(stream, prompts, args.tokens, args.stagger_ms / 1e3))
+    out = {}
+    for protocol, runs in rounds.items():
+        pooled = {key: {stat: median([r[key][stat] for r in runs]) for stat in ("p50", "p99", "mean")}
+                  for key in ("ttft_ms", "itl_ms")}
+        out[protocol] = {**pooled, "itl_samples": sum(r["itl_samples"] for r in runs), "rounds": len(runs)}
+    return out
+
+
 # --- a cluster's life -------------------------------------------------------------------------------
 
 
@@ -426,8 +473,8 @@ class _Cluster:
     def __init__(self, model_dir: Path, transport: str, workers: int, engine_settings, router_threads: int):
         from cluster.settings import ClusterSettings
 
-        fields = dict(model=str(model_dir), num_workers=workers, port=0, engine=engine_settings, transport=transport,
-                      router_torch_threads=router_threads)
+        fields = dict(model=str(model_dir), num_workers=workers, port=0, http_port=0, engine=engine_settings,
+                      transport=transport, router_torch_threads=router_threads)
         known = ClusterSettings.model_fields
         # A benchmark measures one fixed placement: no rebalancing or autoscaling mid-run.
         if "rebalance_below_balancedness" in known:
@@ -458,6 +505,7 @@ class _Cluster:
             self.channel = grpc.insecure_channel(self.target)
             self.stub = pb2_grpc.GenerationStub(self.channel)
             self.router = ray.get_actor("router-0", namespace=NAMESPACE)
+            self.http_url = f"http://127.0.0.1:{ray.get(self.controller.endpoints.remote())[0]['http']}/v1"
             names = sorted((a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                             if a["namespace"] == NAMESPACE and a["name"].startswith("expert-worker-")),
                            key=lambda n: int(n.rsplit("-", 1)[1]))
@@ -572,8 +620,7 @@ def _run(args: argparse.Namespace) -> int:
                 dispatch[system]["client_side_overhead_us"] = client * 1e6
                 dispatch[system]["client_side_over_floor"] = client / floor
                 if system == "cluster-socket":
-                    _cluster_runner(cluster.stub, stream_prompts[:1])(2)  # warm-up
-                    latency = stream_latency(cluster.stub, stream_prompts, args.tokens, args.stagger_ms / 1e3)
+                    latency = _protocol_latency(cluster, stream_prompts, args)
                 split = "" if micro_batches == 1 else f", {micro_batches} micro-batches"
                 for name, rss in cluster.peak_rss().items():
                     memory.append({"process": f"{name} ({transport} transport{split})", "peak_rss_bytes": rss})
@@ -657,12 +704,16 @@ def _report(args, model_dir, spec, systems, batches, bd_batch, rates, engine_alo
               f"workers can use all of them: a ratio above 1 partly reflects parallelism the engine was not given "
               f"(--torch-threads {cpus} --router-threads {cpus} compares at equal cores)")
 
-    print(f"\n2. latency: {args.streams} concurrent GenerateStream calls on cluster-socket, arriving "
-          f"{args.stagger_ms:g} ms apart, {args.tokens} tokens each (client side)")
-    tables["latency"] = print_table(
-        ["metric", "p50 ms", "p99 ms", "mean ms"],
-        [["time to first token", latency["ttft_ms"]["p50"], latency["ttft_ms"]["p99"], latency["ttft_ms"]["mean"]],
-         ["inter-token latency", latency["itl_ms"]["p50"], latency["itl_ms"]["p99"], latency["itl_ms"]["mean"]]])
+    print(f"\n2. latency: {args.streams} concurrent streams on cluster-socket, arriving {args.stagger_ms:g} ms apart, "
+          f"{args.tokens} tokens each (client side): gRPC GenerateStream against streamed /v1/completions with the "
+          f"openai client, alternating rounds (median of {latency['grpc']['rounds']} each)")
+    rows = []
+    for metric, key in (("time to first token", "ttft_ms"), ("inter-token latency", "itl_ms")):
+        g, h = latency["grpc"][key], latency["http"][key]
+        rows.append([metric, g["p50"], g["p99"], h["p50"], h["p99"], f"{h['p50'] / g['p50']:.2f}x",
+                     f"{h['p99'] / g['p99']:.2f}x"])
+    tables["latency"] = print_table(["metric", "gRPC p50 ms", "gRPC p99 ms", "HTTP p50 ms", "HTTP p99 ms",
+                                     "HTTP/gRPC p50", "HTTP/gRPC p99"], rows)
 
     payload = next(iter(dispatch.values()))["payload_bytes"] if dispatch else 0
     print(f"\n3. dispatch per MoE layer at batch {bd_batch} ({moe_layers} MoE layers); floor: pipe round trip of "

@@ -62,12 +62,14 @@ def test_bench_serving_quick_run(ray_session, tiny_model, tmp_path, capsys):
         assert all(_positive(v) for v in r["overlap"]["cluster-socket-mb2"].values())
     assert record["systems"] == ["engine", "cluster-ray", "cluster-socket", "cluster-socket-mb2", "transformers"]
 
-    # 2. latency percentiles.
+    # 2. latency percentiles, over gRPC and over the OpenAI HTTP API on the same router.
     lat = record["latency"]
-    assert lat["streams"] == 3 and lat["itl_samples"] == 3 * (10 - 1)
-    for metric in ("ttft_ms", "itl_ms"):
-        assert _positive(lat[metric]["p50"]) and _positive(lat[metric]["p99"])
-        assert lat[metric]["p50"] <= lat[metric]["p99"]
+    assert lat["streams"] == 3
+    for protocol in ("grpc", "http"):
+        assert lat[protocol]["itl_samples"] == 3 * (10 - 1), protocol
+        for metric in ("ttft_ms", "itl_ms"):
+            assert _positive(lat[protocol][metric]["p50"]) and _positive(lat[protocol][metric]["p99"])
+            assert lat[protocol][metric]["p50"] <= lat[protocol][metric]["p99"]
 
     # 3. dispatch overhead per MoE layer next to the pipe floor, for both transports.
     d = record["dispatch"]
@@ -109,5 +111,6 @@ def test_bench_serving_quick_run(ray_session, tiny_model, tmp_path, capsys):
     # The printed tables name the systems and every figure group.
     for s in ("engine", "cluster-ray", "cluster-socket", "cluster-socket-mb2", "transformers"):
         assert s in out
-    for heading in ("decode tokens/s", "latency", "dispatch per MoE layer", "peak memory", "decode step goes"):
+    for heading in ("decode tokens/s", "latency", "HTTP/gRPC", "dispatch per MoE layer", "peak memory",
+                    "decode step goes"):
         assert heading in out

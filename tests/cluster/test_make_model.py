@@ -349,3 +349,39 @@ def test_transformers_loads_every_tensor(build, name, layout):
     gate_up, down = Checkpoint(out).read_experts(2, list(range(8)), torch.float32)
     assert torch.equal(state["model.layers.2.mlp.experts.gate_up_proj"], gate_up)
     assert torch.equal(state["model.layers.2.mlp.experts.down_proj"], down)
+
+
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi — ça va?"},
+        {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Count to 3"}]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_chat_template_renders_as_transformers_renders_it(preset, tmp_path):
+    """Every preset ships its family's chat template; ours and transformers' apply_chat_template give the same
+    text and token ids, with and without the generation prompt, with a system prompt and without."""
+    transformers = pytest.importorskip("transformers")
+    from cluster.chat_templates import CHAT_TEMPLATES
+    from router_service.tokenizer import Tokenizer
+
+    p = PRESETS[preset]
+    write_tokenizer(p.tokenizer, tmp_path, vocab_size=p.vocab_size, chat_template=CHAT_TEMPLATES[p.model_type])
+    ours = Tokenizer.from_model_dir(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages in (CHAT, CHAT[1:2]):
+        for add_generation_prompt in (True, False):
+            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            assert ours.chat_template.render(messages, add_generation_prompt) == text
+            ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            assert ours.apply_chat_template(messages, add_generation_prompt) == list(ids)
+    assert "Answer briefly." in ours.chat_template.render(CHAT)  # the system prompt is not dropped
+
+
+def test_chat_templates_refuse_other_roles(tmp_path):
+    from cluster.chat_templates import CHAT_TEMPLATES
+    from router_service.chat_template import ChatTemplate, ChatTemplateError
+
+    for family, source in CHAT_TEMPLATES.items():
+        template = ChatTemplate(source, {"bos_token": "<s>", "eos_token": "</s>"})
+        with pytest.raises(ChatTemplateError, match="unsupported role tool"):
+            template.render([{"role": "tool", "content": "42"}])

@@ -54,6 +54,7 @@ METRICS = {
 }
 
 GRPC_PORT_NAME = "grpc"
+HTTP_PORT_NAME = "http"
 
 
 # --- helpers: YAML, schema defaults and validation ---------------------------------------------
@@ -270,9 +271,10 @@ def test_head_exposes_grpc_as_a_named_container_port(raycluster):
     ports = head_container(raycluster)["ports"]
     by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
     assert len(by_name) == len(ports), "every head port needs a name for KubeRay's head Service to expose it"
-    assert by_name == {GRPC_PORT_NAME: 50051, "gcs-server": 6379, "dashboard": 8265, "client": 10001,
-                       "metrics": 8080}
-    assert parse_cli(serve_invocation(raycluster)).port == by_name[GRPC_PORT_NAME]
+    assert by_name == {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000, "gcs-server": 6379, "dashboard": 8265,
+                       "client": 10001, "metrics": 8080}
+    args = parse_cli(serve_invocation(raycluster))
+    assert args.port == by_name[GRPC_PORT_NAME] and args.http_port == by_name[HTTP_PORT_NAME]
 
 
 def test_head_starts_ray_then_moe_serve_joining_it(raycluster):
@@ -386,12 +388,11 @@ def test_every_ray_container_runs_the_same_image(raycluster):
     assert raycluster["spec"]["rayVersion"] == dockerfile_args()["RAY_VERSION"]
 
 
-def test_grpc_service_selects_the_head_port(raycluster):
-    service = the_doc(KUBERAY / "service-grpc.yaml", "Service")
+def test_api_service_selects_the_head_grpc_and_http_ports(raycluster):
+    service = the_doc(KUBERAY / "service-api.yaml", "Service")
     assert service["spec"]["selector"] == {"ray.io/cluster": raycluster["metadata"]["name"], "ray.io/node-type": "head"}
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] == GRPC_PORT_NAME
-    assert port["port"] == 50051
+    ports = {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000}
 
 
 def test_tiny_model_job_runs_make_model_on_the_claim():
@@ -467,14 +468,14 @@ def test_dockerfile_copies_only_the_package_and_installs_it():
     runs = " ".join(rest for instr, rest in dockerfile_instructions() if instr == "RUN")
     assert "pip install --no-cache-dir ." in runs
     exposed = [rest for instr, rest in dockerfile_instructions() if instr == "EXPOSE"]
-    assert "50051" in " ".join(exposed).split()
+    assert {"50051", "8000"} <= set(" ".join(exposed).split())
 
 
 def test_dockerfile_command_parses_as_moe_serve():
     entrypoint, cmd = dockerfile_exec_form("ENTRYPOINT"), dockerfile_exec_form("CMD")
     assert entrypoint == ["moe-serve"]
     args = parse_cli(cmd)
-    assert args.command == "serve" and args.host == "0.0.0.0" and args.port == 50051
+    assert args.command == "serve" and args.host == "0.0.0.0" and args.port == 50051 and args.http_port == 8000
 
 
 # --- Grafana dashboard -----------------------------------------------------------------------
