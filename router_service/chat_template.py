@@ -21,6 +21,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -28,6 +29,18 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 class ChatTemplateError(ValueError):
     """The template refused the messages (its `raise_exception`) or failed to render them."""
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it (for training
+    masks); rendering a prompt, the block is its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 def _raise_exception(message: str):
@@ -47,26 +60,30 @@ def _strftime_now(fmt: str) -> str:
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str]):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+                                            extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.source = source
         self.special_tokens = special_tokens  # e.g. {"bos_token": "<s>", "eos_token": "</s>"}
-        self._template = env.from_string(source)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as err:  # a syntax error, or a tag we do not know
+            raise ChatTemplateError(f"the chat template does not compile: {err}") from None
 
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path, tokenizer_config: dict,
-                       special_tokens: dict[str, str]) -> "ChatTemplate | None":
-        """The checkpoint's template, or None when it has none."""
-        source = tokenizer_config.get("chat_template")
-        if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            source = named.get("default")
+    @staticmethod
+    def source_in(model_dir: str | Path, tokenizer_config: dict) -> str | None:
+        """The checkpoint's template text, or None. A chat_template.jinja file wins over tokenizer_config.json's
+        entry, as in transformers, which writes the file in its newer layout."""
         path = Path(model_dir) / TEMPLATE_FILE
-        if not isinstance(source, str) and path.exists():
+        if path.exists():
             source = path.read_text()
-        return cls(source, special_tokens) if isinstance(source, str) and source.strip() else None
+        else:
+            source = tokenizer_config.get("chat_template")
+            if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
+                named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+                source = named.get("default")
+        return source if isinstance(source, str) and source.strip() else None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text for these messages ({"role": ..., "content": ...} each)."""

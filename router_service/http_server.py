@@ -3,8 +3,8 @@
     POST /v1/completions        POST /v1/chat/completions        GET /v1/models        GET /health
 
 aiohttp, on the router's event loop (the one grpc.aio runs on): measured against FastAPI with uvicorn
-streaming the same chunks, it spent 17-20 us of server CPU per streamed chunk against 22-25
-(docs/http-api.md), and Ray already ships it. Tokens reach a response through the AsyncEngine's
+streaming the same chunks, it spent 14-20 us of server CPU per streamed chunk against 20-25
+(docs/http-api.md, docs/benchmarks/http_stack_overhead.py), and Ray already ships it. Tokens reach a response through the AsyncEngine's
 output streams, so JSON encoding and socket writes stay on the event loop, off the engine thread.
 
 The same guarantees as gRPC (`router_service.server`): admission and queue limits are the engine's (a
@@ -18,6 +18,7 @@ connection drops. Every finished request counts in requests_total with protocol=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from router_service.async_engine import AsyncEngine, EngineStepError, OutputStre
 from router_service.errors import EngineStopped, InvalidRequest, QueueFull
 from router_service.metrics import RequestTimer, RouterMetrics
 from router_service.security import ServerSecurity, bearer_credentials, token_matches
+from router_service.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,10 @@ HTTP_STATUS_OF: list[tuple[type[BaseException], int, str]] = [
     (EngineStopped, 503, "service_unavailable"),
     (EngineStepError, 503, "service_unavailable"),
 ]
-MAX_BODY_BYTES = 64 << 20  # as the gRPC server's max message: a long prompt of token ids fits
+# What became of a stream whose headers (200) had gone out: 499 when the client left, the error's status when
+# a step failed; what requests_total counts.
+OUTCOME = web.ResponseKey("outcome", int)
+PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies larger than this are parsed on a thread, not on the event loop
 
 
 class HTTPError(Exception):
@@ -60,9 +65,11 @@ class HTTPError(Exception):
                 return cls(status, name, str(err))
         return None
 
+    def body(self) -> dict:
+        return oa.error_body(str(self), self.kind, self.param, str(self.status))
+
     def response(self) -> web.Response:
-        return web.json_response(oa.error_body(str(self), self.kind, self.param, str(self.status)),
-                                 status=self.status)
+        return web.json_response(self.body(), status=self.status)
 
 
 def _request_field(engine_field: str) -> str:
@@ -125,7 +132,7 @@ class OpenAIFront:
     # --- plumbing ---------------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_MESSAGE_BYTES, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -157,7 +164,7 @@ class OpenAIFront:
                 mapped = HTTPError(500, "internal_error", f"internal error: {type(err).__name__}")
             response = mapped.response()
         if request.path != "/health":
-            self._count(499 if response.get("client_gone") else response.status)
+            self._count(response.get(OUTCOME, response.status))
         return response
 
     def _authenticate(self, request: web.Request) -> None:
@@ -176,7 +183,8 @@ class OpenAIFront:
                             f"Content-Type must be application/json, got {request.content_type!r}", "Content-Type")
         raw = await request.read()
         try:
-            return json.loads(raw)
+            # The event loop also serves every gRPC and HTTP stream: a long prompt of token ids is parsed aside.
+            return json.loads(raw) if len(raw) <= PARSE_OFF_LOOP_BYTES else await asyncio.to_thread(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HTTPError(400, "invalid_request_error", f"body is not valid JSON: {err}", "body") from None
 
@@ -237,22 +245,21 @@ class OpenAIFront:
 
     async def _whole(self, req, choices: list[oa.Choice], streams: list[OutputStream], response_id: str,
                      chat: bool) -> web.Response:
-        logprob_text = oa.LogprobText(self.engine.engine.tokenizer)
+        listing = oa.LogprobListing(self.engine.engine.tokenizer, len(choices))
         timers = [RequestTimer(self.metrics, "http") for _ in choices]
         texts = [""] * len(choices)
         logprobs: list[list[dict]] = [[] for _ in choices]
         finish: list[str | None] = [None] * len(choices)
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
-        async for i, out in _merged(streams):
-            timers[i].saw(out)
-            if choices[i].request.params.logprobs and out.token_ids:
-                logprobs[i].append(logprob_text.chat(out) if chat else logprob_text.completion(out, len(texts[i])))
-            texts[i] += out.text
-            if out.finished:
-                finish[i] = oa.OPENAI_FINISH[out.finish_reason]
-                prompt_tokens[choices[i].prompt] = out.prompt_tokens
-                completion_tokens += out.completion_tokens
+        usage = oa.UsageCount()
+        async with contextlib.aclosing(_merged(streams)) as outputs:
+            async for i, out in outputs:
+                timers[i].saw(out)
+                if choices[i].request.params.logprobs and out.token_ids:
+                    logprobs[i].append(listing.chat(out) if chat else listing.completion(i, out))
+                texts[i] += out.text
+                if out.finished:
+                    finish[i] = oa.OPENAI_FINISH[out.finish_reason]
+                    usage.finished(choices[i], out)
         body_choices = []
         for i, c in enumerate(choices):
             lp = _joined_logprobs(logprobs[i], chat) if c.request.params.logprobs else None
@@ -262,68 +269,65 @@ class OpenAIFront:
             else:
                 body_choices.append({"index": c.index, "text": texts[i], "logprobs": lp, "finish_reason": finish[i]})
         body = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
-                "created": oa.created(), "model": self.model_name, "choices": body_choices,
-                "usage": oa.usage(sum(prompt_tokens.values()), completion_tokens)}
+                "created": oa.created(), "model": self.model_name, "choices": body_choices, "usage": usage.body()}
         return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
     async def _stream(self, request: web.Request, req, choices: list[oa.Choice], streams: list[OutputStream],
                       response_id: str, chat: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        logprob_text = oa.LogprobText(self.engine.engine.tokenizer)
+        listing = oa.LogprobListing(self.engine.engine.tokenizer, len(choices))
         timers = [RequestTimer(self.metrics, "http") for _ in choices]
-        offsets = [0] * len(choices)  # characters streamed per choice (completions' text_offset)
         kind, stamp = ("chat.completion.chunk" if chat else "text_completion"), oa.created()
         usage_field = {"usage": None} if req.include_usage else {}
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
+        usage = oa.UsageCount()
+        started = [False] * len(choices)  # chat: has the choice's first chunk (the one naming the role) gone out
 
-        def chunk(choice: dict) -> bytes:
+        def chunk(choices_field: list[dict], **extra) -> bytes:
             return _sse({"id": response_id, "object": kind, "created": stamp, "model": self.model_name,
-                         "choices": [choice], **usage_field})
+                         "choices": choices_field, **usage_field, **extra})
 
-        if chat:  # the first delta of each choice names the role, as OpenAI's does
-            for c in choices:
-                await response.write(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}))
+        # Everything after the headers: a dropped connection or a failed step can happen at any write.
         try:
-            async for i, out in _merged(streams):
-                timers[i].saw(out)
-                c = choices[i]
-                lp = None
-                if c.request.params.logprobs and out.token_ids:
-                    lp = logprob_text.chat(out) if chat else logprob_text.completion(out, offsets[i])
-                offsets[i] += len(out.text)
-                finish = oa.OPENAI_FINISH[out.finish_reason] if out.finished else None
-                if out.finished:
-                    prompt_tokens[c.prompt] = out.prompt_tokens
-                    completion_tokens += out.completion_tokens
-                if not (out.text or out.token_ids or finish):
-                    continue
-                if chat:
+            async with contextlib.aclosing(_merged(streams)) as outputs:
+                async for i, out in outputs:
+                    timers[i].saw(out)
+                    c = choices[i]
+                    finish = oa.OPENAI_FINISH[out.finish_reason] if out.finished else None
+                    if out.finished:
+                        usage.finished(c, out)
+                    if not (out.text or out.token_ids or finish):
+                        continue
+                    lp = None
+                    if c.request.params.logprobs and out.token_ids:
+                        lp = listing.chat(out) if chat else listing.completion(i, out)
+                    if not chat:
+                        await response.write(chunk([{"index": c.index, "text": out.text, "logprobs": lp,
+                                                     "finish_reason": finish}]))
+                        continue
                     delta = {"content": out.text} if out.text or not finish else {}
-                    await response.write(chunk({"index": c.index, "delta": delta, "logprobs": lp,
-                                                "finish_reason": finish}))
-                else:
-                    await response.write(chunk({"index": c.index, "text": out.text, "logprobs": lp,
-                                                "finish_reason": finish}))
+                    if not started[i]:  # with the first output, as OpenAI's first chunk: the role, then content
+                        started[i] = True
+                        delta = {"role": "assistant", **delta}
+                    await response.write(chunk([{"index": c.index, "delta": delta, "logprobs": lp,
+                                                 "finish_reason": finish}]))
+            if req.include_usage:
+                await response.write(chunk([], usage=usage.body()))
+            await response.write(SSE_DONE)
+            await response.write_eof()
         except ConnectionResetError:  # the client went away mid-stream: _serve closes (aborts) its requests
-            response["client_gone"] = True
-            return response
-        except Exception as err:  # after the headers: the error goes in the stream, as OpenAI's does
+            response[OUTCOME] = 499
+        except Exception as err:  # after the headers the error goes in the stream, as OpenAI's does
             mapped = HTTPError.of(err)
             if mapped is None:
                 log.exception("streamed %s failed", request.path)
                 mapped = HTTPError(500, "internal_error", f"internal error: {type(err).__name__}")
-            await response.write(_sse(oa.error_body(str(mapped), mapped.kind, mapped.param, str(mapped.status))))
-            await response.write(SSE_DONE)
-            return response
-        if req.include_usage:
-            await response.write(_sse({"id": response_id, "object": kind, "created": stamp, "model": self.model_name,
-                                       "choices": [], "usage": oa.usage(sum(prompt_tokens.values()),
-                                                                        completion_tokens)}))
-        await response.write(SSE_DONE)
-        await response.write_eof()
+            response[OUTCOME] = mapped.status  # what the middleware counts: the headers said 200
+            try:
+                await response.write(_sse(mapped.body()))
+                await response.write(SSE_DONE)
+            except ConnectionResetError:
+                response[OUTCOME] = 499
         return response
 
 

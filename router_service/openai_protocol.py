@@ -1,8 +1,9 @@
 """The OpenAI API's request and response objects, and their mapping to engine requests and outputs.
 
 Requests are pydantic models that forbid unknown fields: a field this server does not know, or
-supports only at its neutral value (`frequency_penalty: 0`, an empty `logit_bias`, `echo: false`,
-`response_format: {"type": "text"}`), is refused with InvalidRequest naming it, never ignored.
+supports only at its neutral value (`frequency_penalty` and `presence_penalty` 0, `repetition_penalty`
+1, an empty `logit_bias`, `echo: false`, `best_of: 1`, `response_format: {"type": "text"}`) with
+another value, is refused with InvalidRequest naming it, never ignored. null means the default.
 Fields as in OpenAI's API reference, plus vLLM's extensions `top_k`, `ignore_eos` and
 `add_generation_prompt`. Defaults are OpenAI's: temperature 1, top_p 1, 16 tokens for completions and
 the rest of the context for chat.
@@ -19,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router_service.engine import FinishReason, Request, StepOutput
 from router_service.errors import InvalidRequest
@@ -36,6 +37,16 @@ OPENAI_FINISH: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # OpenAI's API reference marks most fields nullable, and clients send unset ones as null: null means
+        # the default. (A field without a default, such as `prompt`, is still required.)
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required()}
+        return data
 
 
 class StreamOptions(_Strict):
@@ -57,15 +68,19 @@ class _Common(_Strict):
     user: str | None = None  # accepted for the caller's bookkeeping; not used
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 (or absent) is off
     ignore_eos: bool = False
-    # Accepted only at the value that changes nothing: clients such as LangChain send them by default.
+    # Accepted only at the value that changes nothing: clients such as LangChain and `vllm bench serve` send
+    # them by default (repetition_penalty is vLLM's).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
 
     def _check_neutral(self) -> None:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise InvalidRequest(name, "is not supported (only 0)")
+        if self.repetition_penalty != 1.0:
+            raise InvalidRequest("repetition_penalty", "is not supported (only 1)")
         if self.logit_bias:
             raise InvalidRequest("logit_bias", "is not supported (only empty)")
         if self.stream_options is not None and not self.stream:
@@ -87,11 +102,14 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
+    best_of: int | None = None
 
     def check(self) -> None:
         self._check_neutral()
         if self.echo:
             raise InvalidRequest("echo", "is not supported (only false)")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("best_of", "is not supported (only 1)")
 
 
 class TextPart(_Strict):
@@ -101,8 +119,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None  # accepted; templates of these families have no use for it
+    content: str | list[TextPart] = ""  # null (an assistant turn replayed without text) reads as empty
+    name: str | None = None  # passed to the template, which may use it
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -118,7 +136,9 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool = True  # vLLM's extension: false continues the last assistant message
+    # vLLM's extension: false leaves out the template's opening of the assistant's turn (the prompt then ends
+    # where the messages end, e.g. after a closed assistant turn).
+    add_generation_prompt: bool = True
 
     def check(self) -> None:
         self._check_neutral()
@@ -129,7 +149,8 @@ class ChatCompletionRequest(_Common):
 
     def template_messages(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role; the templates know "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"name": m.name} if m.name is not None else {})} for m in self.messages]
 
 
 def parse(model: type[_Common], body: Any) -> _Common:
@@ -162,7 +183,7 @@ class Choice:
     """One sequence to generate: its index among the response's choices and the engine request."""
 
     index: int
-    prompt: int  # which prompt it continues (usage counts each prompt once)
+    prompt_index: int  # which prompt it continues (usage counts each prompt once)
     request: Request
 
 
@@ -191,13 +212,14 @@ def completion_choices(req: CompletionRequest, tokenizer: Tokenizer | None, resp
 
 def chat_choices(req: ChatCompletionRequest, tokenizer: Tokenizer | None, max_model_len: int,
                  response_id: str) -> list[Choice]:
-    if tokenizer is None or tokenizer.chat_template is None:
-        raise InvalidRequest("messages", "this model has no chat template (tokenizer_config.json's "
-                                         "chat_template); use /v1/completions")
+    if tokenizer is None:
+        raise InvalidRequest("messages", "this model has no tokenizer; use /v1/completions with token ids")
     from router_service.chat_template import ChatTemplateError
 
     try:
         ids = tokenizer.apply_chat_template(req.template_messages(), req.add_generation_prompt)
+    except LookupError as err:  # no template, or one that does not compile
+        raise InvalidRequest("messages", f"{err.args[0]}; use /v1/completions") from None
     except ChatTemplateError as err:
         raise InvalidRequest("messages", f"the model's chat template refused them: {err}") from None
     # Default: the rest of the context (at least one token, so that an overlong prompt is refused by the
@@ -229,22 +251,40 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-class LogprobText:
-    """Log-prob listings in OpenAI's two shapes, with each token's own text."""
+class UsageCount:
+    """A response's usage: each prompt's tokens once (however many choices continue it), every choice's output."""
 
-    def __init__(self, tokenizer: Tokenizer | None):
+    def __init__(self):
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> tokens
+        self.completion_tokens = 0
+
+    def finished(self, choice: Choice, out: StepOutput) -> None:
+        self.prompt_tokens[choice.prompt_index] = out.prompt_tokens
+        self.completion_tokens += out.completion_tokens
+
+    def body(self) -> dict:
+        return usage(sum(self.prompt_tokens.values()), self.completion_tokens)
+
+
+class LogprobListing:
+    """Log-prob listings in OpenAI's two shapes, with each token's own text, for the choices of one response."""
+
+    def __init__(self, tokenizer: Tokenizer | None, num_choices: int):
         self.tokenizer = tokenizer
+        self._offsets = [0] * num_choices  # completions' text_offset: characters of the tokens listed so far
 
     def token(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
 
-    def completion(self, out: StepOutput, offset: int) -> dict:
-        """The completions API's `logprobs` for one output's tokens; `offset`: characters of text before them."""
+    def completion(self, choice: int, out: StepOutput) -> dict:
+        """The completions API's `logprobs` for one output's tokens. Offsets count the tokens' own texts, so
+        they stay consistent with `tokens` when text is held back (a possible stop string) or a character
+        spans tokens."""
         tokens = [self.token(t) for t in out.token_ids]
         offsets = []
         for t in tokens:
-            offsets.append(offset)
-            offset += len(t)
+            offsets.append(self._offsets[choice])
+            self._offsets[choice] += len(t)
         top = [{self.token(t): lp for t, lp in alts} for alts in out.top_logprobs] if out.top_logprobs else None
         return {"tokens": tokens, "token_logprobs": list(out.logprobs), "top_logprobs": top, "text_offset": offsets}
 

@@ -97,8 +97,14 @@ class Router:
         self.server, self.port, self.health = await start_server(
             self.engine, admin, self.host, self.port, model_name, self.model_dir, self.metrics, security=security)
         if self.http_port is not None:
-            self.http = await start_http_server(self.engine, self.host, self.http_port, model_name, self.metrics,
-                                                security)
+            try:
+                self.http = await start_http_server(self.engine, self.host, self.http_port, model_name,
+                                                    self.metrics, security)
+            except BaseException:  # a router is both servers or neither: clients must not find half of one
+                await self.server.stop(0)
+                self.server = None
+                self.engine.stop()
+                raise
             self.http_port = self.http.port
         self._exporter = asyncio.create_task(self._export_metrics())
         log.info("router %d serving gRPC on %s:%d, HTTP on %s", self.router_id, self.host, self.port,

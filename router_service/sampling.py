@@ -47,6 +47,8 @@ class SamplingParams:
             raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
         if any(s == "" for s in self.stop):
             raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise InvalidRequest("sampling.seed", f"must be in [-2**63, 2**64), got {self.seed}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest("sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:

@@ -35,6 +35,7 @@ from router_service.security import BearerTokenInterceptor, ServerSecurity
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
+MAX_MESSAGE_BYTES = 64 << 20  # largest request, gRPC or HTTP: a long prompt of token ids fits
 
 FINISH_REASONS = {
     "length": pb2.FINISH_REASON_LENGTH,
@@ -305,7 +306,7 @@ async def start_server(engine: AsyncEngine, admin: AdminBackend | None, host: st
         interceptors.append(BearerTokenInterceptor(token, metrics))
     interceptors.append(ErrorMappingInterceptor(metrics))
     server = grpc.aio.server(interceptors=interceptors,
-                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, model_name, model_path, metrics), server)
     services = [pb2.DESCRIPTOR.services_by_name["Generation"].full_name]
     if admin is not None:

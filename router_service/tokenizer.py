@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from router_service.chat_template import ChatTemplate
+from router_service.chat_template import ChatTemplate, ChatTemplateError
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -24,8 +27,15 @@ class Tokenizer:
         # tokenizer_config's add_bos_token is applied by transformers, not by tokenizer.json.
         self.add_bos = bool(self._config.get("add_bos_token", False)) and self.bos_token_id is not None
         special = {key: self._special_text(key) for key in SPECIAL_TOKEN_KEYS}
-        self.chat_template = ChatTemplate.from_model_dir(
-            self.path.parent, self._config, {k: v for k, v in special.items() if v is not None})
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_problem = "this model has no chat template (tokenizer_config.json's chat_template)"
+        source = ChatTemplate.source_in(self.path.parent, self._config)
+        if source is not None:
+            try:
+                self.chat_template = ChatTemplate(source, {k: v for k, v in special.items() if v is not None})
+            except ChatTemplateError as err:  # completions must still work: chat says why it cannot
+                log.warning("%s: %s", self.path.parent, err)
+                self.chat_template_problem = str(err)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
@@ -62,10 +72,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the chat template rendered over `messages`; the template places any special tokens
-        (bos included) itself. Raises LookupError when the checkpoint has no template, ChatTemplateError
-        when the template refuses the messages."""
+        (bos included) itself. Raises LookupError when the checkpoint has no usable template (saying why),
+        ChatTemplateError when the template refuses the messages."""
         if self.chat_template is None:
-            raise LookupError("this model has no chat template (tokenizer_config.json's chat_template)")
+            raise LookupError(self.chat_template_problem)
         return self.encode(self.chat_template.render(messages, add_generation_prompt), add_special_tokens=False)
 
     def stream(self) -> "TextStream":

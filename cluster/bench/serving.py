@@ -407,9 +407,10 @@ def http_stream(base_url: str):
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=RPC_TIMEOUT)
+    model = client.models.list().data[0].id  # once: inside a stream it would count in its time to first token
 
     def stream(ids: list[int], tokens: int):
-        chunks = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=tokens,
+        chunks = client.completions.create(model=model, prompt=ids, max_tokens=tokens,
                                            temperature=0, stream=True, stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True})
         for chunk in chunks:

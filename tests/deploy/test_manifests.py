@@ -44,13 +44,13 @@ METRICS = {
     "ray_moe_serve_plan_version": (),  # gauge
     "ray_moe_serve_rebalances_total": ("reason",),  # counter
     "ray_moe_serve_plans_dropped_total": ("reason",),  # counter
-    "ray_moe_serve_requests_total": ("code",),  # counter
+    "ray_moe_serve_requests_total": ("protocol", "code"),  # counter
     "ray_moe_serve_queue_depth": ("router",),  # gauge
     "ray_moe_serve_kv_slots_used": ("router",),  # gauge
     "ray_moe_serve_kv_slots": ("router",),  # gauge
-    "ray_moe_serve_time_to_first_token_seconds_bucket": ("le",),  # histogram
-    "ray_moe_serve_inter_token_latency_seconds_bucket": ("le",),  # histogram
-    "ray_moe_serve_generated_tokens_total": ("router",),  # counter
+    "ray_moe_serve_time_to_first_token_seconds_bucket": ("le", "router", "protocol"),  # histogram
+    "ray_moe_serve_inter_token_latency_seconds_bucket": ("le", "router", "protocol"),  # histogram
+    "ray_moe_serve_generated_tokens_total": ("router", "protocol"),  # counter
 }
 
 GRPC_PORT_NAME = "grpc"

@@ -8,6 +8,7 @@ server's engine directly to check that disconnected requests give their KV slots
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -112,7 +113,9 @@ def test_prompt_as_token_ids_and_as_a_list_gives_one_choice_each(client, referen
     r = client.completions.create(model="tiny", prompt=[ids, other], max_tokens=4, temperature=0,
                                   extra_body={"ignore_eos": True})
     texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
-    assert texts == [offline(reference, p, max_tokens=4, ignore_eos=True).text for p in (ids, other)]
+    # The reference batches both prompts too, as the server does (the suite's rule for concurrent greedy runs).
+    both = reference.generate([ids, other], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert texts == [c.text for c in both]
     assert r.usage.prompt_tokens == len(ids) + len(other) and r.usage.completion_tokens == 8
     one = client.completions.create(model="tiny", prompt=["a b", "c d"], max_tokens=2, temperature=0)
     assert sorted(c.index for c in one.choices) == [0, 1]
@@ -129,11 +132,37 @@ def test_greedy_chat_renders_the_template_and_equals_the_offline_engine(client, 
     assert choice.finish_reason == "length" and r.usage.prompt_tokens == len(ids)
 
 
-def test_chat_without_max_tokens_may_use_the_rest_of_the_context(client, reference):
-    r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0)
+def test_chat_without_max_tokens_uses_the_rest_of_the_context(client, reference):
+    r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
     prompt = len(reference.tokenizer.apply_chat_template(CHAT))
-    assert r.usage.completion_tokens <= MAX_MODEL_LEN - prompt
-    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens == MAX_MODEL_LEN - prompt and r.choices[0].finish_reason == "length"
+
+
+def test_null_fields_take_their_defaults(served):
+    body = {"model": None, "prompt": PROMPT, "max_tokens": 2, "temperature": None, "top_p": None, "n": None,
+            "stream": None, "stop": None, "seed": None, "logprobs": None, "user": None}
+    status, answer = raw(served, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+    chat = {"messages": [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "Again."}],
+            "max_tokens": 2, "logprobs": None, "frequency_penalty": None}
+    status, answer = raw(served, "POST", "/v1/chat/completions", json.dumps(chat).encode())
+    assert status == 200, answer
+
+
+def test_streamed_chat_with_n_choices_and_logprobs(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0.8,
+                                                 seed=3, n=2, stream=True, logprobs=True, top_logprobs=2,
+                                                 extra_body={"ignore_eos": True}))
+    by_choice: dict[int, list] = {}
+    for c in chunks:
+        (choice,) = c.choices
+        by_choice.setdefault(choice.index, []).append(choice)
+    assert sorted(by_choice) == [0, 1]
+    for index, parts in by_choice.items():
+        assert parts[0].delta.role == "assistant" and all(p.delta.role is None for p in parts[1:])
+        assert parts[-1].finish_reason == "length"
+        entries = [e for p in parts if p.logprobs for e in p.logprobs.content]
+        assert len(entries) == 4 and all(len(e.top_logprobs) == 2 for e in entries)
 
 
 def test_streamed_chat_with_usage(client, reference):
@@ -189,8 +218,8 @@ def test_seeded_sampling_is_reproducible_and_n_choices_differ(client):
 
     assert sample(7) == sample(7)
     two = sample(7, n=2)
-    assert two == sample(7, n=2) and two[0] == sample(7)[0]  # choice i samples with seed + i
-    assert two[0] != two[1]  # 8 tokens sampled from a near-uniform distribution over a 129k vocabulary
+    assert two == sample(7, n=2)
+    assert two[0] != two[1]  # choice i samples with seed + i: 8 tokens each from a near-uniform distribution
 
 
 def test_logprobs_and_top_logprobs(client, reference):
@@ -225,9 +254,12 @@ def test_logprobs_and_top_logprobs(client, reference):
     ({"prompt": PROMPT, "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": PROMPT, "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"prompt": PROMPT, "echo": True}, "echo"),
+    ({"prompt": PROMPT, "best_of": 2}, "best_of"),
+    ({"prompt": PROMPT, "repetition_penalty": 1.2}, "repetition_penalty"),
     ({"prompt": PROMPT, "logprobs": 9}, "logprobs"),
     ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": [99999999]}, "prompt"),
+    ({"prompt": PROMPT, "seed": 2**64}, "seed"),  # beyond what a generator takes: refused, not a failed step
     ({"prompt": []}, "prompt"),
     ({}, "prompt"),
 ])
@@ -261,6 +293,14 @@ def test_bad_chat_fields_are_400_naming_the_field(served, body, param):
     assert status == 400 and answer["error"]["param"] == param, answer
 
 
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    """What LangChain and `vllm bench serve` send by default must not be refused."""
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, frequency_penalty=0, presence_penalty=0,
+                                  logit_bias={}, best_of=1, echo=False, user="someone",
+                                  extra_body={"repetition_penalty": 1.0})
+    assert r.usage.completion_tokens >= 1
+
+
 def test_unknown_model_is_404(client):
     import openai
 
@@ -287,7 +327,8 @@ def test_unknown_paths_and_methods_answer_in_the_error_format(served):
     assert status == 405 and "error" in answer
 
 
-def test_chat_on_a_checkpoint_without_a_template_is_400_and_completions_still_work(tiny_model, tmp_path):
+@pytest.mark.parametrize("template, why", [(None, "no chat template"), ("{% bogus %}", "does not compile")])
+def test_chat_without_a_usable_template_is_400_and_completions_still_work(tiny_model, tmp_path, template, why):
     import openai
 
     from tests.conftest import LocalServer
@@ -295,36 +336,101 @@ def test_chat_on_a_checkpoint_without_a_template_is_400_and_completions_still_wo
     model = Path(tmp_path) / "no-template"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
-    del config["chat_template"]
+    config.pop("chat_template")
+    if template is not None:
+        config["chat_template"] = template
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     srv = LocalServer(str(model), EngineSettings(max_model_len=MAX_MODEL_LEN))
     try:
         c = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
         with pytest.raises(openai.BadRequestError) as err:
             c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
-        assert "chat template" in err.value.body["message"]
+        assert why in err.value.body["message"] and err.value.body["param"] == "messages"
         assert c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
     finally:
         srv.close()
 
 
+@contextlib.contextmanager
+def engine_paused(engine):
+    """Hold the engine loop before its next step (requests then wait, admitted but unscheduled) until exit."""
+    release = threading.Event()
+    step = engine.step
+
+    def held_step():
+        release.wait(TIMEOUT)
+        return step()
+
+    engine.step = held_step  # the engine loop looks the method up on the instance at every step
+    try:
+        yield
+    finally:
+        release.set()
+        del engine.step
+
+
 def test_a_full_queue_is_429_and_nothing_is_lost(served, client):
     import openai
 
-    # MAX_NUM_SEQS run and MAX_QUEUE wait: one more is refused. Streams are admitted before their headers
-    # return, so these requests are in the engine when the next call is made.
-    streams = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=100, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True}) for _ in range(MAX_NUM_SEQS + MAX_QUEUE)]
-    try:
+    wait_idle(served.engine)
+    # With the engine held, MAX_QUEUE streams wait (a stream's headers return once it is admitted): one more
+    # is refused.
+    with engine_paused(served.engine):
+        streams = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True}) for _ in range(MAX_QUEUE)]
+        assert served.engine.num_waiting == MAX_QUEUE
         with pytest.raises(openai.RateLimitError) as err:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
         assert err.value.status_code == 429 and "max_queue" in err.value.body["message"]
-        for s in streams:  # those admitted still finish, in full
-            assert sum(len(c.choices[0].text) > 0 for c in s) >= 1
-    finally:
-        for s in streams:
-            s.close()
+    for s in streams:  # those admitted still run, in full
+        chunks = list(s)
+        assert len(chunks) == 20 and chunks[-1].choices[0].finish_reason == "length"
     wait_idle(served.engine)
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_request_that_leaves_while_queued_never_runs(served):
+    engine = served.engine
+    wait_idle(engine)
+    steps = engine.steps
+    with engine_paused(engine):
+        conn = http.client.HTTPConnection("127.0.0.1", served.http.port, timeout=TIMEOUT)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 50, "stream": True}),
+                     {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200 and engine.num_waiting == 1
+        conn.sock.shutdown(2)
+        conn.close()
+        deadline = time.monotonic() + TIMEOUT  # the server sees the connection drop and aborts the request
+        while not engine._aborts and time.monotonic() < deadline:
+            time.sleep(0.01)
+    wait_idle(engine)
+    assert engine.steps - steps <= 1  # at most the step that dropped it; it never generated
+
+
+def test_a_failed_step_after_the_headers_arrives_as_an_error_event(served, client):
+    import openai
+
+    engine = served.engine
+    wait_idle(engine)
+    step = engine.step
+    calls = 0
+
+    def failing_step():
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # once the stream has begun
+            raise RuntimeError("an expert worker died")
+        return step()
+
+    engine.step = failing_step
+    try:
+        stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        with pytest.raises(openai.APIError, match="expert worker died"):
+            list(stream)
+    finally:
+        del engine.step
+    wait_idle(engine)
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
 
 
