@@ -519,7 +519,7 @@ def _exchange(p: _Problem, H: np.ndarray, target: np.ndarray, k: float) -> np.nd
     experts with the most tokens per replica whose replica alone is over the target, and a replicated y:
 
       exchange   x takes over y's hosts and y x's
-      hand over  x keeps its hosts and takes over all of y's but one, y's least-loaded host, which keeps y
+      hand over  x keeps its hosts and takes over all of y's but one, y's busiest host, which keeps y
 
     Per round and layer the best of them is applied when it lowers the layer's excess over the target by
     more than its moves cost (J's rates, as in _best_moves); rounds repeat while any layer finds one.
@@ -555,7 +555,8 @@ def _exchange(p: _Problem, H: np.ndarray, target: np.ndarray, k: float) -> np.nd
         moves_x = (np.einsum("lyw,lxw->lxy", Hy, cx_w) + np.einsum("lxw,lyw->lxy", Hx, cy_w)
                    - (Hx * cx_w).sum(2)[:, :, None] - (Hy * cy_w).sum(2)[:, None])
         # hand over: x on c_x + c_y - 1 replicas; y's kept host runs all of y's tokens
-        keep = np.where(Hy > 0, wl[:, None, :], np.inf).argmin(2)  # [L, Y] y's least-loaded host
+        # y stays on its busiest host: x's new replicas carry more tokens than y's whole load now
+        keep = np.where(Hy > 0, wl[:, None, :], -np.inf).argmax(2)  # [L, Y]
         kept = np.zeros_like(Hy)
         np.put_along_axis(kept, keep[:, :, None], 1.0, 2)
         given = Hy - kept  # [L, Y, W] y's hosts that x takes over
