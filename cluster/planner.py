@@ -50,12 +50,12 @@ Logical = tuple[int, int]  # (layer, expert)
 
 # Moving every logical expert's weights once is worth this much balancedness. On `moe-serve bench
 # placement` (DeepSeek-MoE-16B shape, 8 workers, 11% spare slots, hot set rotating; seed 0) 0.03 gives
-# balancedness 0.9930 against EPLB's 0.9926 for 0.088x its replicas moved, 38 ms per re-plan.
+# balancedness 0.9930 against EPLB's 0.9926 for 0.098x its replicas moved, 28 ms per re-plan.
 DEFAULT_MIGRATION_WEIGHT = 0.03
 # With PlannerInput.groups: balancedness one extra worker per group, for every logical expert, is
 # worth (see migration_aware_plan). On `moe-serve bench placement`'s group trace (8 layers x 64 experts
-# in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 4.93 workers visited per token
-# against 5.83 without groups, planned balancedness 0.9900 against 0.9900.
+# in 8 groups, top-8 in the best 3, 8 workers; seed 0) 0.03 gives 4.95 workers visited per token
+# against 5.84 without groups, planned balancedness 0.9901 against 0.9899.
 DEFAULT_GROUP_WEIGHT = 0.03
 
 
