@@ -222,6 +222,48 @@ def test_weight_zero_beats_eplb_on_skewed_layers():
     assert balancedness(ours, load) >= balancedness(eplb, load)
 
 
+def plan_of(num_experts: int, moe_layers: tuple[int, ...], workers: list[list[tuple[int, int]]]) -> PlacementPlan:
+    return PlacementPlan(1, num_experts, moe_layers, tuple(WorkerPlacement(i, f"expert-worker-{i}", tuple(r))
+                                                           for i, r in enumerate(workers)))
+
+
+def test_a_heated_expert_is_handed_a_cooled_ones_replicas():
+    # One layer, 4 workers x 3 slots. Expert 0 was hot (3 replicas) and has cooled to 4 tokens; expert 1
+    # has heated to 45 on its one replica:
+    #   w0 {0, 2, 6} = 4/3 + 6 + 23 = 30.3, w1 {0, 3} = 18.3, w2 {0, 4} = 18.3, w3 {1, 5} = 45 + 18 = 63
+    # mean 130 / 4 = 32.5, so balancedness 0.52. EPLB from scratch reaches a maximum of 34.5 (0.942), the
+    # target, which expert 1's replica alone exceeds. Handing expert 1 all of expert 0's replicas but the one
+    # on its busiest host w0 gives expert 1 three replicas of 15:
+    #   w0 {0, 2, 6} = 33, w1 {1, 3} = 32, w2 {1, 4} = 32, w3 {1, 5} = 33 -> 32.5 / 33, for 2 replicas moved
+    # (exchanging the two experts' hosts instead would put 15 on w0: 44).
+    current = plan_of(7, (1,), [[(1, 0), (1, 2), (1, 6)], [(1, 0), (1, 3)], [(1, 0), (1, 4)], [(1, 1), (1, 5)]])
+    load = layer_load([4, 45, 6, 17, 17, 18, 23])
+    inp = PlannerInput(load, 4, 3, EB, current=current)
+    new = migration_aware_plan(inp)
+    assert [experts_on(new, w) for w in range(4)] == [[0, 2, 6], [1, 3], [1, 4], [1, 5]]
+    assert balancedness(new, load) == pytest.approx(32.5 / 33)
+    assert plan_change(current, new, EB).replicas_moved == 2
+    eplb = eplb_plan(inp)
+    assert balancedness(eplb, load) == pytest.approx(32.5 / 34.5)
+    assert plan_change(current, match_workers(eplb, current), EB).replicas_moved == 6
+
+
+def test_a_trade_relieves_two_layers_for_two_replicas_moved():
+    # Two layers of 3 experts on 2 full workers of 3 slots (no spare slot, so nothing moves alone):
+    #   layer 1: w0 {0, 2} = 25 + 8 = 33, w1 {1} = 17        layer 2: w0 {1} = 9, w1 {0, 2} = 14 + 14 = 28
+    # balancedness (25 + 18.5) / (33 + 28) = 0.71. EPLB, packing both layers in lockstep, gets 33 and 23
+    # (0.78); a swap in layer 2 gets the same. The trade moves (2, 0) from w1 to w0 and, in return, (1, 2)
+    # from w0 to w1:  layer 1: w0 25, w1 25; layer 2: w0 23, w1 14 -> 43.5 / 48, for the same 2 replicas.
+    current = plan_of(3, (1, 2), [[(1, 0), (1, 2), (2, 1)], [(1, 1), (2, 0), (2, 2)]])
+    load = {(1, 0): 25, (1, 1): 17, (1, 2): 8, (2, 0): 14, (2, 1): 9, (2, 2): 14}
+    inp = PlannerInput(load, 2, 3, EB, current=current)
+    new = migration_aware_plan(inp)
+    assert [sorted(w.replicas) for w in new.workers] == [[(1, 0), (2, 0), (2, 1)], [(1, 1), (1, 2), (2, 2)]]
+    assert balancedness(new, load) == pytest.approx(43.5 / 48)
+    assert plan_change(current, new, EB).replicas_moved == 2
+    assert balancedness(eplb_plan(inp), load) == pytest.approx(43.5 / 56)
+
+
 # --- expert groups (DeepSeek-V2/V3 group-limited routing) ------------------------------------------
 
 
