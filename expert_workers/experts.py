@@ -3,10 +3,13 @@
 Shape legend:
     T  tokens in the batch        H  hidden size         I  expert width
     P  (token, expert) pairs       n  replicas hosted for one layer
+    R  rows allocated for a layer (n and room for more)
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
 import time
@@ -31,12 +34,21 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor | kernels.LinearWeight,
     return kernels.linear(F.silu(gate) * up, down)  # [T, H]
 
 
+SPARE_ROWS = 0.25  # a worker's room per layer for more replicas, as a fraction of those it starts with: the
+# controller's default replica budget is 1.25 x a worker's share (replica_slots_per_worker)
+
+
 @dataclass(frozen=True)
 class LayerExperts:
-    """One layer's hosted replicas, stacked. Immutable: a change builds a new one and swaps it in."""
+    """One layer's hosted replicas in stacked weights with room for more.
 
-    gate_up: torch.Tensor  # [n, 2I, H]; packed per row for the amx kernel (kernels.prepare_experts)
-    down: torch.Tensor  # [n, H, I]; likewise
+    The weight tensors are allocated once per layer (and again only when the layer outgrows them): loading
+    a replica writes one free row, unloading one frees its row, and the other rows are never copied. The
+    row table is immutable: a change publishes a new LayerExperts over the same tensors.
+    """
+
+    gate_up: torch.Tensor  # [R, 2I, H], R rows >= n hosted; packed per row for the amx kernel (kernels.prepare_experts)
+    down: torch.Tensor  # [R, H, I]; likewise
     slot: torch.Tensor  # [E] long: row of each logical expert, -1 where not hosted
     backend: str | None = None  # the CPU kernel these weights are laid out for; None: plain torch
 
@@ -44,27 +56,38 @@ class LayerExperts:
     def experts(self) -> list[int]:
         return (self.slot >= 0).nonzero().flatten().tolist()
 
+    @property
+    def free_rows(self) -> list[int]:
+        used = set(self.slot[self.slot >= 0].tolist())
+        return [r for r in range(self.gate_up.shape[0]) if r not in used]
+
 
 class ExpertGroup:
     """Stacked weights of a set of hosted (layer, expert) replicas, run batched per expert.
 
-    Threads: `run` may be called from several threads while `load`/`unload`
-    change the hosted set on another; each layer is one immutable LayerExperts
-    read once per call and replaced by a single dict assignment, so a call sees
-    either the old or the new set, never a mix.
+    Threads: `run` may be called from several threads while `add`/`remove` change the hosted set on
+    another (one change at a time: `_changing`). Each layer is one immutable LayerExperts read once per
+    call and replaced by a single dict assignment, so a call sees either the old or the new set, never a
+    mix. A load writes only rows that no published LayerExperts maps, and an unloaded row is written again
+    only by a later load, after the controller's protocol has stopped every router sending it tokens.
     """
 
-    def __init__(self, num_experts: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu", spare_rows: float = 0.0):
         self.num_experts = num_experts
         self.device = torch.device(device)
+        self.spare_rows = spare_rows  # room per layer beyond its first replicas, as a fraction (SPARE_ROWS)
         self.layers: dict[int, LayerExperts] = {}
+        self._changing = threading.Lock()
+        # GPU: weight copies go on their own stream, so a decode step's kernels never queue behind them.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype,
-             device: torch.device | str = "cpu") -> "ExpertGroup":
-        """Read only the hosted experts' tensors. `hosted` maps layer -> expert ids."""
+             device: torch.device | str = "cpu", spare_rows: float = 0.0) -> "ExpertGroup":
+        """Read only the hosted experts' tensors. `hosted` maps layer -> expert ids; `spare_rows`: room for
+        more replicas per layer (an expert worker's, whose hosted set changes live; 0 for a fixed set)."""
         moe = checkpoint.spec.moe
-        group = cls(moe.num_experts if moe else 0, device)
+        group = cls(moe.num_experts if moe else 0, device, spare_rows)
         group.add(checkpoint, hosted, dtype, paced=False)  # nothing is served from it yet
         return group
 
@@ -73,7 +96,7 @@ class ExpertGroup:
         """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile.
 
         A live rebalance is background work that decode steps on the same machine must not wait behind:
-        the reading and re-stacking run on a thread at the lowest CPU priority and, when `paced`, at half
+        the reading and copying run on a thread at the lowest CPU priority and, when `paced`, at half
         duty (each layer's work followed by as long a pause), since copying weights also competes with
         decode for memory bandwidth and the GIL, which a CPU priority does not cover. Measured with
         `moe-serve bench rebalance` on 2 cores: p99 inter-token latency during a rebalance fell from
@@ -83,44 +106,74 @@ class ExpertGroup:
 
     def _add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype, paced: bool) -> int:
         read = 0
-        for layer, experts in tqdm(hosted.items(), desc="loading experts", unit="layer", delay=2.0):
-            started = time.perf_counter()
-            current = self.layers.get(layer)
-            new = sorted(set(experts) - set(current.experts if current else []))
-            if not new:
-                continue
-            gate_up, down = checkpoint.read_experts(layer, new, dtype)
-            read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-            gate_up, down, backend = kernels.prepare_experts(gate_up.to(self.device), down.to(self.device))
-            keep = current.experts if current else []
-            if current is not None:
-                rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
-                gate_up = _stack_after(current.gate_up, rows, gate_up)
-                down = _stack_after(current.down, rows, down)
-            self._set(layer, keep + new, gate_up, down, backend)
-            if paced:
-                time.sleep(time.perf_counter() - started)
+        with self._changing:
+            for layer, experts in tqdm(hosted.items(), desc="loading experts", unit="layer", delay=2.0):
+                started = time.perf_counter()
+                current = self.layers.get(layer)
+                new = sorted(set(experts) - set(current.experts if current else []))
+                if not new:
+                    continue
+                gate_up, down = checkpoint.read_experts(layer, new, dtype)
+                read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+                gate_up, down, backend = kernels.prepare_experts(gate_up.to(self.device), down.to(self.device))
+                self.layers[layer] = self._with_replicas(current, new, gate_up, down, backend)
+                if paced:
+                    time.sleep(time.perf_counter() - started)
         return read
 
-    def remove(self, hosted: dict[int, list[int]]) -> None:
-        """Unload replicas (after every router stopped sending them tokens); re-stacking the kept ones is
-        background work too."""
-        at_low_priority(lambda: self._remove(hosted))
+    def _rows(self, replicas: int) -> int:
+        """Rows to allocate for a layer that is to host `replicas`: those, and the spare room."""
+        return replicas + (math.ceil(replicas * self.spare_rows) if self.spare_rows > 0 else 0)
 
-    def _remove(self, hosted: dict[int, list[int]]) -> None:
-        for layer, experts in hosted.items():
-            current = self.layers.get(layer)
-            if current is None:
-                continue
-            keep = [e for e in current.experts if e not in set(experts)]
-            if not keep:
-                del self.layers[layer]
-                continue
-            rows = current.slot[torch.tensor(keep, dtype=torch.long, device=current.slot.device)]
-            self._set(layer, keep, current.gate_up[rows], current.down[rows], current.backend)
+    def _with_replicas(self, current: LayerExperts | None, new: list[int], gate_up: torch.Tensor,
+                       down: torch.Tensor, backend: str | None) -> LayerExperts:
+        """`current` (None: an empty layer) plus the replicas `new`, whose weights are gate_up [k, 2I, H] and
+        down [k, H, I] in `backend`'s layout: written into free rows. Only a layer without k free rows is
+        copied into bigger tensors first, its replicas keeping their rows (off the serving path: the copy
+        is published only when complete)."""
+        k = len(new)
+        if current is not None and current.backend != backend:
+            raise ValueError(f"layer weights in {current.backend!r} layout cannot take replicas in {backend!r}")
+        if current is None or len(current.free_rows) < k:
+            hosted = len(current.experts) if current is not None else 0
+            old = current.gate_up.shape[0] if current is not None else 0
+            rows = max(self._rows(hosted + k), old + k)
+            # Zeros, not empty: the batched path multiplies every row, hit or not.
+            big_gate_up = gate_up.new_zeros((rows, *gate_up.shape[1:]))  # [R, ...]
+            big_down = down.new_zeros((rows, *down.shape[1:]))
+            slot = torch.full((self.num_experts,), -1, dtype=torch.long, device=self.device)
+            if current is not None:
+                big_gate_up[:old], big_down[:old] = current.gate_up, current.down
+                slot = current.slot
+            current = LayerExperts(big_gate_up, big_down, slot, backend)
+        rows = torch.tensor(current.free_rows[:k], dtype=torch.long, device=self.device)  # [k]
+        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
+            current.gate_up.index_copy_(0, rows, gate_up)
+            current.down.index_copy_(0, rows, down)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # the rows are complete before any step can map them
+        slot = current.slot.clone()
+        slot[torch.tensor(new, dtype=torch.long, device=self.device)] = rows
+        return LayerExperts(current.gate_up, current.down, slot, backend)
+
+    def remove(self, hosted: dict[int, list[int]]) -> None:
+        """Unload replicas (after every router stopped sending them tokens): their rows become free for the
+        next load; nothing is copied. A layer left with no replica frees its memory."""
+        with self._changing:
+            for layer, experts in hosted.items():
+                current = self.layers.get(layer)
+                if current is None:
+                    continue
+                slot = current.slot.clone()
+                slot[torch.tensor(experts, dtype=torch.long, device=self.device)] = -1
+                if not bool((slot >= 0).any()):
+                    del self.layers[layer]
+                    continue
+                self.layers[layer] = LayerExperts(current.gate_up, current.down, slot, current.backend)
 
     def _set(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
              backend: str | None = None) -> None:
+        """Host exactly `experts` in rows 0..n-1 of these weights (tests build groups this way)."""
         slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
         self.layers[layer] = LayerExperts(gate_up.to(self.device).contiguous(), down.to(self.device).contiguous(),
@@ -173,14 +226,6 @@ class ExpertGroup:
             out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
             start += n
         return out
-
-
-def _stack_after(stacked: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """stacked[rows] followed by new, on stacked's device, copying each byte once: [len(rows) + len(new), ...]."""
-    out = stacked.new_empty((len(rows) + len(new), *stacked.shape[1:]))
-    torch.index_select(stacked, 0, rows, out=out[: len(rows)])
-    out[len(rows) :] = new  # copies host to device when the experts live on a GPU
-    return out
 
 
 def at_low_priority(fn: Callable[[], R]) -> R:

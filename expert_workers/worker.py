@@ -20,7 +20,7 @@ import torch
 
 from expert_workers.checkpoint import Checkpoint, resolve_dtype
 from expert_workers.collective import LinkServer, resolve_backend
-from expert_workers.experts import ExpertGroup
+from expert_workers.experts import SPARE_ROWS, ExpertGroup
 from expert_workers.wire import ExpertServer
 
 
@@ -64,7 +64,8 @@ class ExpertWorker:
         self.dtype = resolve_dtype(dtype)
         started = time.perf_counter()
         self.checkpoint = Checkpoint(model_dir)
-        self.group = ExpertGroup.load(self.checkpoint, hosted, self.dtype, self.device)
+        # Room in each layer for replicas a live rebalance adds: they load into free rows, no layer is re-stacked.
+        self.group = ExpertGroup.load(self.checkpoint, hosted, self.dtype, self.device, spare_rows=SPARE_ROWS)
         self.load_seconds = time.perf_counter() - started
         self._count_lock = threading.Lock()  # run() is called from Ray's thread and socket threads
         self.compute_seconds = 0.0  # expert compute time, for the benchmarks' step breakdown
@@ -163,7 +164,8 @@ class ExpertWorker:
         return {"bytes": read, "seconds": time.perf_counter() - started, "hosted": self.group.hosted()}
 
     def unload_replicas(self, hosted: dict[int, list[int]]) -> dict:
-        """Drop replicas once no router sends them tokens (the controller's protocol guarantees it)."""
+        """Drop replicas once no router sends them tokens (the controller's protocol guarantees it); their rows
+        are free for the next load."""
         self.group.remove(hosted)
         return {"hosted": self.group.hosted()}
 

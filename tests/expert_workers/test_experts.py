@@ -155,3 +155,58 @@ def test_adding_and_removing_replicas_equals_loading_them_at_once(tiny_model):
     sel = (expert != 0) & (expert != 3)
     torch.testing.assert_close(grown.run(layer, hidden, token[sel], kept, weight[sel]),
                                whole.run(layer, hidden, token[sel], kept, weight[sel]), atol=0, rtol=0)
+
+
+def test_replicas_load_into_free_rows_and_unloading_frees_them_without_copying(tiny_model):
+    """A worker's layer has room beyond its first replicas: a load writes free rows, an unload frees its rows
+    and the next load reuses them; the rows of the replicas that stay are never copied (same storage), and
+    outputs equal a group that loaded the same set at once."""
+    from expert_workers.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny_model)
+    layer = ck.spec.moe_layers[0]
+    E = ck.spec.moe.num_experts
+    g = ExpertGroup.load(ck, {layer: [0, 1, 2, 3]}, torch.float32, spare_rows=0.5)
+    le = g.layers[layer]
+    assert le.gate_up.shape[0] == 6 and le.free_rows == [4, 5]  # 4 replicas and half as many spare rows
+    storage = le.gate_up.untyped_storage().data_ptr(), le.down.untyped_storage().data_ptr()
+    rows_before = {e: int(le.slot[e]) for e in range(4)}
+
+    def same_storage(le) -> bool:
+        return (le.gate_up.untyped_storage().data_ptr(), le.down.untyped_storage().data_ptr()) == storage
+
+    g.add(ck, {layer: [6]}, torch.float32, paced=False)
+    le = g.layers[layer]
+    assert same_storage(le) and int(le.slot[6]) == 4
+    g.remove({layer: [1, 2]})
+    le = g.layers[layer]
+    assert same_storage(le) and sorted(le.free_rows) == [rows_before[1], rows_before[2], 5]
+    g.add(ck, {layer: [5, 7, 4]}, torch.float32, paced=False)  # exactly the three free rows
+    le = g.layers[layer]
+    assert same_storage(le) and le.free_rows == []
+    assert {int(le.slot[e]) for e in (4, 5, 7)} == {rows_before[1], rows_before[2], 5}
+    assert all(int(le.slot[e]) == rows_before[e] for e in (0, 3))  # the replicas that stayed never moved
+    assert g.hosted() == {layer: [0, 3, 4, 5, 6, 7]}
+
+    whole = ExpertGroup.load(ck, {layer: list(range(E))}, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, ck.spec.hidden_size, generator=gen)
+    token = torch.arange(5).repeat_interleave(2)
+    expert = torch.tensor([0, 3, 4, 5, 6, 7, 0, 7, 5, 3])
+    weight = torch.rand(10, generator=gen)
+    # The same kernel on the same weights, one pair at a time: only the row a replica sits in differs.
+    torch.testing.assert_close(g.run(layer, hidden, token, expert, weight),
+                               whole.run(layer, hidden, token, expert, weight), atol=0, rtol=0)
+    with pytest.raises(KeyError, match=r"experts \[1\] are not hosted"):
+        g.run(layer, hidden, token[:2], torch.tensor([1, 0]), weight[:2])
+
+    # More than the free rows: the layer grows into bigger tensors, every hosted replica keeps its row.
+    rows = {e: int(le.slot[e]) for e in g.hosted()[layer]}
+    g.add(ck, {layer: [1, 2]}, torch.float32, paced=False)
+    le = g.layers[layer]
+    assert not same_storage(le) and all(int(le.slot[e]) == r for e, r in rows.items())
+    assert g.hosted()[layer] == list(range(E))
+    torch.testing.assert_close(g.run(layer, hidden, token, expert, weight),
+                               whole.run(layer, hidden, token, expert, weight), atol=0, rtol=0)
+    g.remove({layer: list(range(E))})
+    assert layer not in g.layers  # a layer left empty frees its memory
