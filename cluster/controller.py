@@ -286,14 +286,28 @@ class Controller:
         fresh = [w for w in new.workers if w.worker_id not in self.workers]
         record.update(started=[w.worker_id for w in fresh], drained=leaving)
         self.starting.update({w.worker_id: w for w in fresh})
+        # Seconds per step of the rollout (planning, new workers, loads, routers' switch, unloads): where a
+        # plan change spends its time, for `moe-serve bench rebalance` and the events.
+        phases = record["phases"] = {"planning": planning}
+        mark = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[phase], mark = now - mark, now
+
         try:
             await self._start_workers(fresh)
+            lap("start_workers")
             await asyncio.gather(*[self.workers[wid].load_replicas.remote(by_layer(added))
                                    for wid, added in change.added.items()
                                    if wid not in {w.worker_id for w in fresh}])
+            lap("load")
             await self.pauses["switch"].wait_async()
+            mark = time.perf_counter()  # a held pause is a test's, not the rollout's
             # 3. every router switches at a step boundary and acknowledges.
             await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            lap("switch")
         except BaseException:  # the rollout failed: the old plan stays, and so do its workers
             for wid in leaving:
                 self.worker_states.pop(wid, None)
@@ -305,6 +319,7 @@ class Controller:
         # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
         await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
                                for wid, removed in change.removed.items() if wid not in leaving])
+        lap("unload")
         for wid in leaving:
             if (handle := self.workers.pop(wid, None)) is not None:
                 ray.kill(handle)

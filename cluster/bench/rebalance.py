@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--streams", type=int, default=8, help="concurrent streams decoding throughout")
     p.add_argument("--steady-seconds", type=float, default=20.0)
-    p.add_argument("--after-seconds", type=float, default=5.0)
+    p.add_argument("--after-seconds", type=float, default=10.0, help="measured after the switch")
     p.add_argument("--hot-expert", type=int, default=3)
     p.add_argument("--bias", type=float, default=4.0, help="gate-logit bonus of the hot expert")
     p.add_argument("--out", default="bench-results/rebalance.json")
@@ -102,12 +102,19 @@ def run(args: argparse.Namespace) -> int:
         rows.append([name, len(gaps), p50 * 1000, p99 * 1000])
         result[name] = {"samples": len(gaps), "p50_s": p50, "p99_s": p99}
     ratio = result["during rebalance"]["p99_s"] / result["steady"]["p99_s"]
+    ratios = {phase: {q: result[phase][f"{q}_s"] / result["steady"][f"{q}_s"] for q in ("p50", "p99")}
+              for phase in ("during rebalance", "after")}
     print(f"\nrebalance v{record['old_version']} -> v{record['new_version']} in {record['seconds']:.2f} s: "
           f"balancedness {record['balancedness_before']:.3f} -> {record['balancedness_after']:.3f}, "
           f"{record['bytes_moved'] / 2**20:.1f} MiB moved; {args.streams} streams; stream errors: {len(errors)}")
     table = print_table(["phase", "ITL samples", "p50 ms", "p99 ms"], rows)
     print(f"p99 during rebalance / steady: {ratio:.2f}x (target <= 1.25x)")
+    for phase, r in ratios.items():
+        print(f"{phase} / steady: p50 {r['p50']:.2f}x (target <= 1.1x), p99 {r['p99']:.2f}x (target <= 1.25x)")
+    phases = record.get("phases", {})
+    print("plan change, seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     write_json(args.out, {"suite": "rebalance", "model": str(model_dir), "machine": machine(), "rebalance": record,
-                          "itl": result, "p99_ratio": ratio, "errors": errors, "streams": args.streams,
+                          "itl": result, "p99_ratio": ratio, "ratios_to_steady": ratios, "errors": errors,
+                          "streams": args.streams,
                           "table": table})
     return 0 if not errors else 1

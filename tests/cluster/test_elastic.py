@@ -98,6 +98,9 @@ def test_skewed_load_rebalances_and_outputs_stay_identical(cluster, expected):
     events = __import__("ray").get(controller.plan_events.remote())
     assert (events[-1]["reason"], events[-1]["detail"]) == ("manual", "test skew")
     assert events[-1]["bytes_moved"] == response.bytes_moved and not events[-1]["dropped"]
+    phases = events[-1]["phases"]  # where the rollout's time went, step by step
+    assert list(phases) == ["planning", "start_workers", "load", "switch", "unload"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) - phases["planning"] <= events[-1]["seconds"]
 
 
 def _stream_all(stub, prompts, max_tokens, results, errors):
