@@ -162,7 +162,8 @@ class Controller:
             handles[w.worker_id] = cls.options(
                 name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
                 max_concurrency=4, runtime_env=actor_runtime_env(),
-            ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads, s.data_plane_host)
+            ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads, s.data_plane_host,
+                     s.replica_load_duty)
         infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
                                        s.start_timeout_seconds)
         self.workers.update(handles)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.autoscaler import AutoscalingPolicy
 from cluster.planner import DEFAULT_MIGRATION_WEIGHT, PLANNERS
+from expert_workers.experts import DEFAULT_LOAD_DUTY
 from router_service.engine import EngineSettings
 
 NAMESPACE = "moe-serve"  # Ray namespace of every named actor
@@ -66,6 +67,11 @@ class ClusterSettings(BaseSettings):
         description="Balancedness that moving every logical expert's weights once is worth; 0 ignores movement.")
     replica_slots_per_worker: int | None = Field(
         None, ge=1, description="Replicas one worker's memory holds; default 1.25 x its share of logical experts.")
+    replica_load_duty: float = Field(
+        DEFAULT_LOAD_DUTY, gt=0, le=1, description="Fraction of the time an expert worker spends copying weights "
+        "while it loads replicas live (each layer's copy is followed by a pause, leaving cores and memory "
+        "bandwidth to decoding); 1: as fast as it can. Default measured with `moe-serve bench rebalance` "
+        "(docs/rebalancing.md).")
     rebalance_below_balancedness: float | None = Field(
         0.75, gt=0, le=1, description="Rebalance automatically when balancedness falls below this (None: only on request).")
     rebalance_min_tokens: int = Field(

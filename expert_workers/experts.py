@@ -34,6 +34,10 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor | kernels.LinearWeight,
     return kernels.linear(F.silu(gate) * up, down)  # [T, H]
 
 
+# Fraction of the time a live load copies weights (the rest it pauses): the rate `moe-serve bench rebalance`
+# measured before layers had free rows (p99 during a rebalance 1.5-2.1x -> 1.0-1.1x steady on 2 cores); the
+# sweep since is in docs/rebalancing.md.
+DEFAULT_LOAD_DUTY = 0.5
 SPARE_ROWS = 0.25  # a worker's room per layer for more replicas, as a fraction of those it starts with: the
 # controller's default replica budget is 1.25 x a worker's share (replica_slots_per_worker)
 
@@ -88,23 +92,23 @@ class ExpertGroup:
         more replicas per layer (an expert worker's, whose hosted set changes live; 0 for a fixed set)."""
         moe = checkpoint.spec.moe
         group = cls(moe.num_experts if moe else 0, device, spare_rows)
-        group.add(checkpoint, hosted, dtype, paced=False)  # nothing is served from it yet
+        group.add(checkpoint, hosted, dtype, duty=1.0)  # nothing is served from it yet: full speed
         return group
 
     def add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype,
-            paced: bool = True) -> int:
+            duty: float = DEFAULT_LOAD_DUTY) -> int:
         """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile.
 
         A live rebalance is background work that decode steps on the same machine must not wait behind:
-        the reading and copying run on a thread at the lowest CPU priority and, when `paced`, at half
-        duty (each layer's work followed by as long a pause), since copying weights also competes with
-        decode for memory bandwidth and the GIL, which a CPU priority does not cover. Measured with
-        `moe-serve bench rebalance` on 2 cores: p99 inter-token latency during a rebalance fell from
-        1.5-2.1x steady state to 1.0-1.1x, while the rebalance took 1.9 s instead of 1.6 s.
+        the reading and copying run on a thread at the lowest CPU priority, and for a fraction `duty` of
+        the time (each layer's work followed by a pause, 1 - duty of the time), since copying weights also
+        competes with decode for memory bandwidth and the GIL, which a CPU priority does not cover.
         """
-        return at_low_priority(lambda: self._add(checkpoint, hosted, dtype, paced))
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty must be in (0, 1], got {duty}")
+        return at_low_priority(lambda: self._add(checkpoint, hosted, dtype, duty))
 
-    def _add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype, paced: bool) -> int:
+    def _add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype, duty: float) -> int:
         read = 0
         with self._changing:
             for layer, experts in tqdm(hosted.items(), desc="loading experts", unit="layer", delay=2.0):
@@ -117,8 +121,8 @@ class ExpertGroup:
                 read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
                 gate_up, down, backend = kernels.prepare_experts(gate_up.to(self.device), down.to(self.device))
                 self.layers[layer] = self._with_replicas(current, new, gate_up, down, backend)
-                if paced:
-                    time.sleep(time.perf_counter() - started)
+                if duty < 1:
+                    time.sleep((time.perf_counter() - started) * (1 - duty) / duty)
         return read
 
     def _rows(self, replicas: int) -> int:

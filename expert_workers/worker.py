@@ -20,7 +20,7 @@ import torch
 
 from expert_workers.checkpoint import Checkpoint, resolve_dtype
 from expert_workers.collective import LinkServer, resolve_backend
-from expert_workers.experts import SPARE_ROWS, ExpertGroup
+from expert_workers.experts import DEFAULT_LOAD_DUTY, SPARE_ROWS, ExpertGroup
 from expert_workers.wire import ExpertServer
 
 
@@ -57,9 +57,11 @@ class ExpertWorker:
     """Actor body; `cluster` wraps it with `ray.remote(...)` and the resources it asks for."""
 
     def __init__(self, worker_id: int, model_dir: str, hosted: dict[int, list[int]], dtype: str,
-                 torch_threads: int | None = None, data_plane_host: str = "127.0.0.1"):
+                 torch_threads: int | None = None, data_plane_host: str = "127.0.0.1",
+                 load_duty: float = DEFAULT_LOAD_DUTY):
         torch.set_num_threads(torch_threads_for(torch_threads))
         self.worker_id = worker_id
+        self.load_duty = load_duty  # fraction of the time a live load copies weights (ExpertGroup.add)
         self.device = torch.device("cuda" if self._assigned_gpu() else "cpu")
         self.dtype = resolve_dtype(dtype)
         started = time.perf_counter()
@@ -160,7 +162,7 @@ class ExpertWorker:
     def load_replicas(self, hosted: dict[int, list[int]]) -> dict:
         """Read more replicas from the checkpoint while serving continues; returns bytes and seconds."""
         started = time.perf_counter()
-        read = self.group.add(self.checkpoint, hosted, self.dtype)
+        read = self.group.add(self.checkpoint, hosted, self.dtype, duty=self.load_duty)
         return {"bytes": read, "seconds": time.perf_counter() - started, "hosted": self.group.hosted()}
 
     def unload_replicas(self, hosted: dict[int, list[int]]) -> dict:

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--after-seconds", type=float, default=10.0, help="measured after the switch")
     p.add_argument("--hot-expert", type=int, default=3)
     p.add_argument("--bias", type=float, default=4.0, help="gate-logit bonus of the hot expert")
+    p.add_argument("--load-duty", type=float, default=None,
+                   help="replica_load_duty: fraction of the time workers copy weights (default: the setting's)")
     p.add_argument("--out", default="bench-results/rebalance.json")
 
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ClusterSettings(model=str(model_dir), num_workers=args.workers, port=0,
                                engine=EngineSettings(max_model_len=256, max_num_seqs=max(8, args.streams),
                                                      routing_bias={args.hot_expert: args.bias}),
-                               rebalance_below_balancedness=None, load_window_seconds=args.steady_seconds + 60)
+                               rebalance_below_balancedness=None, load_window_seconds=args.steady_seconds + 60,
+                               **({} if args.load_duty is None else {"replica_load_duty": args.load_duty}))
     controller, ports = start_cluster(settings)
     stop, arrivals, errors = threading.Event(), [], []
     threads = [threading.Thread(target=_stream_forever, args=(ports[0], stop, arrivals, errors, s), daemon=True)
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
               for phase in ("during rebalance", "after")}
     print(f"\nrebalance v{record['old_version']} -> v{record['new_version']} in {record['seconds']:.2f} s: "
           f"balancedness {record['balancedness_before']:.3f} -> {record['balancedness_after']:.3f}, "
-          f"{record['bytes_moved'] / 2**20:.1f} MiB moved; {args.streams} streams; stream errors: {len(errors)}")
+          f"{record['bytes_moved'] / 2**20:.1f} MiB moved at load duty {settings.replica_load_duty:g}; "
+          f"{args.streams} streams; stream errors: {len(errors)}")
     table = print_table(["phase", "ITL samples", "p50 ms", "p99 ms"], rows)
     print(f"p99 during rebalance / steady: {ratio:.2f}x (target <= 1.25x)")
     for phase, r in ratios.items():
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     phases = record.get("phases", {})
     print("plan change, seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     write_json(args.out, {"suite": "rebalance", "model": str(model_dir), "machine": machine(), "rebalance": record,
-                          "itl": result, "p99_ratio": ratio, "ratios_to_steady": ratios, "errors": errors,
+                          "load_duty": settings.replica_load_duty, "itl": result, "p99_ratio": ratio, "ratios_to_steady": ratios, "errors": errors,
                           "streams": args.streams,
                           "table": table})
     return 0 if not errors else 1

@@ -140,6 +140,8 @@ def test_adding_and_removing_replicas_equals_loading_them_at_once(tiny_model):
     whole = ExpertGroup.load(ck, {layer: list(range(E))}, torch.float32)
     grown = ExpertGroup.load(ck, {layer: [5, 1]}, torch.float32)
     assert grown.add(ck, {layer: [0, 1, 7, 3, 2, 4, 6]}, torch.float32) > 0  # paced, like a live rebalance
+    with pytest.raises(ValueError, match="duty"):
+        grown.add(ck, {layer: [1]}, torch.float32, duty=0)
     grown.add(ck, {layer + 1: [2]}, torch.float32)
     assert grown.hosted() == {layer: list(range(E)), layer + 1: [2]}
     gen = torch.Generator().manual_seed(3)
@@ -175,13 +177,13 @@ def test_replicas_load_into_free_rows_and_unloading_frees_them_without_copying(t
     def same_storage(le) -> bool:
         return (le.gate_up.untyped_storage().data_ptr(), le.down.untyped_storage().data_ptr()) == storage
 
-    g.add(ck, {layer: [6]}, torch.float32, paced=False)
+    g.add(ck, {layer: [6]}, torch.float32, duty=1.0)
     le = g.layers[layer]
     assert same_storage(le) and int(le.slot[6]) == 4
     g.remove({layer: [1, 2]})
     le = g.layers[layer]
     assert same_storage(le) and sorted(le.free_rows) == [rows_before[1], rows_before[2], 5]
-    g.add(ck, {layer: [5, 7, 4]}, torch.float32, paced=False)  # exactly the three free rows
+    g.add(ck, {layer: [5, 7, 4]}, torch.float32, duty=1.0)  # exactly the three free rows
     le = g.layers[layer]
     assert same_storage(le) and le.free_rows == []
     assert {int(le.slot[e]) for e in (4, 5, 7)} == {rows_before[1], rows_before[2], 5}
@@ -202,7 +204,7 @@ def test_replicas_load_into_free_rows_and_unloading_frees_them_without_copying(t
 
     # More than the free rows: the layer grows into bigger tensors, every hosted replica keeps its row.
     rows = {e: int(le.slot[e]) for e in g.hosted()[layer]}
-    g.add(ck, {layer: [1, 2]}, torch.float32, paced=False)
+    g.add(ck, {layer: [1, 2]}, torch.float32, duty=1.0)
     le = g.layers[layer]
     assert not same_storage(le) and all(int(le.slot[e]) == r for e, r in rows.items())
     assert g.hosted()[layer] == list(range(E))
