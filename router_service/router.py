@@ -1,8 +1,8 @@
-"""The router: a Ray actor that hosts the engine and its own grpc.aio server.
+"""The router: a Ray actor that hosts the engine, its own grpc.aio server and the OpenAI HTTP API.
 
 Its routed-expert compute goes through `ClusterDispatcher` to the expert
-workers named in the placement plan. The gRPC server runs on the actor's
-event loop (Ray async actor); the engine runs on its own thread.
+workers named in the placement plan. Both servers run on the actor's event
+loop (Ray async actor); the engine runs on its own thread.
 """
 
 from __future__ import annotations
