@@ -79,6 +79,7 @@ def to_request(msg: pb2.GenerateRequest, tokenizer) -> Request:
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         logprobs=msg.return_logprobs,
+        top_logprobs=msg.top_logprobs,
     )
     return Request(msg.request_id, ids, params)
 
@@ -86,6 +87,11 @@ def to_request(msg: pb2.GenerateRequest, tokenizer) -> Request:
 def _timings(timer: RequestTimer) -> pb2.Timings:
     return pb2.Timings(queue_seconds=timer.queue, time_to_first_token_seconds=timer.first_token or 0.0,
                        total_seconds=timer.total)
+
+
+def _top_logprobs(out: StepOutput) -> list[pb2.TopLogprobs]:
+    return [pb2.TopLogprobs(token_ids=[t for t, _ in alts], logprobs=[lp for _, lp in alts])
+            for alts in out.top_logprobs]
 
 
 def _usage(out: StepOutput) -> pb2.Usage:
@@ -109,6 +115,7 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
             timer.saw(out)
             response.token_ids.extend(out.token_ids)
             response.logprobs.extend(out.logprobs)
+            response.top_logprobs.extend(_top_logprobs(out))
             response.text += out.text
             if out.finished:
                 response.finish_reason = FINISH_REASONS[out.finish_reason]
@@ -123,7 +130,7 @@ class GenerationServicer(pb2_grpc.GenerationServicer):
         async for out in self.engine.generate(req):
             timer.saw(out)
             msg = pb2.GenerateStreamResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text,
-                                             logprobs=out.logprobs)
+                                             logprobs=out.logprobs, top_logprobs=_top_logprobs(out))
             if out.finished:
                 msg.finish_reason = FINISH_REASONS[out.finish_reason]
                 msg.usage.CopyFrom(_usage(out))

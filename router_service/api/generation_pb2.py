@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeserve/v1/generation.proto\x12\x0bmoeserve.v1\"\xb3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.moeserve.v1.Timings\"\xdb\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.moeserve.v1.Timings\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xdd\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x12\n\nmoe_layers\x18\x07 \x03(\r\x12\x13\n\x0bnum_experts\x18\x08 \x01(\r\x12\r\n\x05top_k\x18\t \x01(\r\x12\x1a\n\x12num_shared_experts\x18\n \x01(\r\x12\'\n\x1fshared_expert_intermediate_size\x18\x0b \x01(\r\x12\x1d\n\x15moe_intermediate_size\x18\x0c \x01(\r\x12\x13\n\x0bhidden_size\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\r\n\x05\x64type\x18\x0f \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xbf\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.moeserve.v1.GenerateRequest\x1a#.moeserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.moeserve.v1.TokenizeRequest\x1a\x1d.moeserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .moeserve.v1.GetModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeserve/v1/generation.proto\x12\x0bmoeserve.v1\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\rB\x08\n\x06prompt\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x85\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.moeserve.v1.Timings\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.moeserve.v1.TopLogprobs\"\x8b\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.moeserve.v1.Timings\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.moeserve.v1.TopLogprobs\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xdd\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x12\n\nmoe_layers\x18\x07 \x03(\r\x12\x13\n\x0bnum_experts\x18\x08 \x01(\r\x12\r\n\x05top_k\x18\t \x01(\r\x12\x1a\n\x12num_shared_experts\x18\n \x01(\r\x12\'\n\x1fshared_expert_intermediate_size\x18\x0b \x01(\r\x12\x1d\n\x15moe_intermediate_size\x18\x0c \x01(\r\x12\x13\n\x0bhidden_size\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\r\n\x05\x64type\x18\x0f \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xbf\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.moeserve.v1.GenerateRequest\x1a#.moeserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.moeserve.v1.TokenizeRequest\x1a\x1d.moeserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .moeserve.v1.GetModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router_service.api.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1546
-  _globals['_FINISHREASON']._serialized_end=1693
+  _globals['_FINISHREASON']._serialized_start=1716
+  _globals['_FINISHREASON']._serialized_end=1863
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=225
-  _globals['_TOKENIDS']._serialized_start=227
-  _globals['_TOKENIDS']._serialized_end=250
-  _globals['_SAMPLINGPARAMS']._serialized_start=253
-  _globals['_SAMPLINGPARAMS']._serialized_end=461
-  _globals['_USAGE']._serialized_start=463
-  _globals['_USAGE']._serialized_end=520
-  _globals['_TIMINGS']._serialized_start=522
-  _globals['_TIMINGS']._serialized_end=614
-  _globals['_GENERATERESPONSE']._serialized_start=617
-  _globals['_GENERATERESPONSE']._serialized_end=830
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=833
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1052
-  _globals['_TOKENIZEREQUEST']._serialized_start=1054
-  _globals['_TOKENIZEREQUEST']._serialized_end=1113
-  _globals['_TOKENIZERESPONSE']._serialized_start=1115
-  _globals['_TOKENIZERESPONSE']._serialized_end=1168
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1170
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1191
-  _globals['_MODELINFO']._serialized_start=1194
-  _globals['_MODELINFO']._serialized_end=1543
-  _globals['_GENERATION']._serialized_start=1696
-  _globals['_GENERATION']._serialized_end=2015
+  _globals['_GENERATEREQUEST']._serialized_end=247
+  _globals['_TOPLOGPROBS']._serialized_start=249
+  _globals['_TOPLOGPROBS']._serialized_end=299
+  _globals['_TOKENIDS']._serialized_start=301
+  _globals['_TOKENIDS']._serialized_end=324
+  _globals['_SAMPLINGPARAMS']._serialized_start=327
+  _globals['_SAMPLINGPARAMS']._serialized_end=535
+  _globals['_USAGE']._serialized_start=537
+  _globals['_USAGE']._serialized_end=594
+  _globals['_TIMINGS']._serialized_start=596
+  _globals['_TIMINGS']._serialized_end=688
+  _globals['_GENERATERESPONSE']._serialized_start=691
+  _globals['_GENERATERESPONSE']._serialized_end=952
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=955
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1222
+  _globals['_TOKENIZEREQUEST']._serialized_start=1224
+  _globals['_TOKENIZEREQUEST']._serialized_end=1283
+  _globals['_TOKENIZERESPONSE']._serialized_start=1285
+  _globals['_TOKENIZERESPONSE']._serialized_end=1338
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1340
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1361
+  _globals['_MODELINFO']._serialized_start=1364
+  _globals['_MODELINFO']._serialized_end=1713
+  _globals['_GENERATION']._serialized_start=1866
+  _globals['_GENERATION']._serialized_end=2185
 # @@protoc_insertion_point(module_scope)

@@ -111,8 +111,10 @@ GENERATION_MESSAGES = {
         "token_ids": (3, "TokenIds"),
         "sampling": (4, "SamplingParams"),
         "return_logprobs": (5, "bool"),
+        "top_logprobs": (6, "uint32"),
     },
     "TokenIds": {"ids": (1, "repeated uint32")},
+    "TopLogprobs": {"token_ids": (1, "repeated uint32"), "logprobs": (2, "repeated float")},
     "SamplingParams": {
         "temperature": (1, "float"),
         "top_p": (2, "optional float"),
@@ -137,6 +139,7 @@ GENERATION_MESSAGES = {
         "finish_reason": (5, "FinishReason"),
         "usage": (6, "Usage"),
         "timings": (7, "Timings"),
+        "top_logprobs": (8, "repeated TopLogprobs"),
     },
     "GenerateStreamResponse": {
         "request_id": (1, "string"),
@@ -146,6 +149,7 @@ GENERATION_MESSAGES = {
         "finish_reason": (5, "FinishReason"),
         "usage": (6, "Usage"),
         "timings": (7, "Timings"),
+        "top_logprobs": (8, "repeated TopLogprobs"),
     },
     "TokenizeRequest": {"text": (1, "string"), "add_special_tokens": (2, "bool")},
     "TokenizeResponse": {"token_ids": (1, "repeated uint32"), "tokens": (2, "repeated string")},

@@ -265,6 +265,27 @@ def test_logprobs_one_per_token_and_equal_the_offline_engine(stub, reference):
     assert list(response.logprobs) == pytest.approx(expected.logprobs, abs=1e-4)
 
 
+def test_top_logprobs_per_token_most_likely_first(stub, reference):
+    request = ids_request(PROMPT, max_tokens=6, ignore_eos=True)
+    request.return_logprobs, request.top_logprobs = True, 3
+    response = stub.Generate(request, timeout=RPC_TIMEOUT)
+    expected = reference.generate([PROMPT], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True,
+                                                           top_logprobs=3))[0]
+    assert len(response.top_logprobs) == len(response.token_ids) == 6
+    for top, token, lp, want in zip(response.top_logprobs, response.token_ids, response.logprobs,
+                                    expected.top_logprobs):
+        assert list(top.token_ids) == [t for t, _ in want] and top.token_ids[0] == token  # greedy: the best
+        assert list(top.logprobs) == pytest.approx([v for _, v in want], abs=1e-4)
+        assert list(top.logprobs) == sorted(top.logprobs, reverse=True) and top.logprobs[0] == pytest.approx(lp)
+    streamed = list(stub.GenerateStream(request, timeout=RPC_TIMEOUT))
+    assert [list(t.token_ids) for m in streamed for t in m.top_logprobs] == [list(t.token_ids)
+                                                                            for t in response.top_logprobs]
+    request.return_logprobs = False
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request, timeout=RPC_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in err.value.details()
+
+
 def test_stop_string_cuts_text_and_reports_stop(stub):
     full = stub.Generate(ids_request(PROMPT, max_tokens=24, ignore_eos=True), timeout=RPC_TIMEOUT)
     text = full.text
