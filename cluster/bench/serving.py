@@ -247,7 +247,9 @@ def _routed_seconds(sections: dict[str, float]) -> float:
 def _categories(prof: dict) -> dict[str, float]:
     """Seconds per step by category; for a cluster, `routed` splits into exposed compute and dispatch."""
     sec = dict(prof["sections"])
-    R, S = _routed_seconds(sec), sec.get("shared_experts", 0.0)
+    # Sections are differences of two runs (N tokens minus 1): on a noisy machine a short one can come out
+    # below zero, which is no time spent, not negative time.
+    R, S = max(0.0, _routed_seconds(sec)), max(0.0, sec.get("shared_experts", 0.0))
     sec = {k: v for k, v in sec.items() if not k.startswith("routed")}
     if prof["worker_compute_seconds"]:
         C = max(prof["worker_compute_seconds"])
