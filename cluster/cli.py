@@ -3,7 +3,8 @@
     moe-serve serve [--model DIR] [--workers N]      start Ray, expert workers, routers; serve gRPC and HTTP
     moe-serve generate --target HOST:PORT --prompt TEXT   stream a completion from a running cluster
     moe-serve generate [--model DIR] --prompt TEXT   offline, single-process engine
-    moe-serve status --target HOST:PORT             placement and routing load
+    moe-serve status --target HOST:PORT             routers, placement and routing load
+    moe-serve drain-router                          drain and retire this node's routers (pod preStop)
     moe-serve rebalance --target HOST:PORT          re-plan replicas for the current load, live
     moe-serve autoscaling --target HOST:PORT [...]  show or change the worker autoscaling policy
     moe-serve make-model --preset tiny DIR          write a random-weight checkpoint
@@ -104,6 +105,12 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_drain_router(args) -> int:
+    from cluster.serve import drain_node_routers
+
+    return drain_node_routers(args)
+
+
 def cmd_status(args) -> int:
     from cluster.client import print_status
 
@@ -139,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the cluster and serve the gRPC API and the OpenAI HTTP API")
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, built on first use)")
     p.add_argument("--workers", type=int, help="expert workers (default 2)")
-    p.add_argument("--routers", type=int, help="routers, on port, port+1, ... (default 1)")
+    p.add_argument("--routers", type=int,
+                   help="routers per router node, on port, port+1, ... (default 1)")
+    p.add_argument("--router-resource", metavar="NAME",
+                   help="Ray custom resource of router nodes: routers run on every node that has it "
+                        "(default: on this node)")
+    p.add_argument("--worker-resource", metavar="NAME",
+                   help="Ray custom resource of expert-worker nodes: workers run only where it is")
     p.add_argument("--port", type=int, help="gRPC port of the first router (default 50051)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
     http = p.add_mutually_exclusive_group()
@@ -154,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.serve import add_security_flags
 
     add_security_flags(p)
+
+    p = sub.add_parser("drain-router", help="drain the routers on this node and retire them (a router pod's "
+                       "preStop hook): new requests go elsewhere, requests in flight finish")
+    p.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto, this node's)")
+    p.add_argument("--grace-seconds", type=float, default=None,
+                   help="how long requests in flight may finish (default: the cluster's drain_grace_seconds)")
+    p.set_defaults(func=cmd_drain_router)
 
     p = sub.add_parser("generate", help="generate a completion (from a cluster with --target, else offline)")
     p.add_argument("--target", help="HOST:PORT of a router; without it the single-process engine runs here")

@@ -42,6 +42,8 @@ SECURITY_FLAGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_t
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     overrides = {"model": args.model, "num_workers": args.workers, "num_routers": args.routers, "port": args.port,
                  "host": args.host, "http_port": getattr(args, "http_port", None),
+                 "router_resource": getattr(args, "router_resource", None),
+                 "worker_resource": getattr(args, "worker_resource", None),
                  **{k: getattr(args, k, None) for k in SECURITY_FLAGS}}
     if args.config:
         settings = ClusterSettings.from_file(args.config, **overrides)
@@ -70,6 +72,30 @@ def drain_routers(settings: ClusterSettings) -> list[dict]:
             log.warning("a router did not drain cleanly: %s", err)
             summaries.append({"error": str(err)})
     return summaries
+
+
+def drain_node_routers(args: argparse.Namespace) -> int:
+    """`moe-serve drain-router`: the controller drains and retires every router on the node this runs on."""
+    import ray
+
+    from cluster.settings import CONTROLLER_NAME
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        node = ray.get_runtime_context().get_node_id()
+        drained = ray.get(controller.retire_routers.remote(node, args.grace_seconds))
+    except (ValueError, ray.exceptions.RayError) as err:
+        print(f"error: could not drain this node's routers: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        ray.shutdown()
+    for summary in drained:
+        print(f"moe-serve: router drained: {summary}", flush=True)
+    if not drained:
+        print("moe-serve: no router on this node", flush=True)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -27,7 +27,19 @@ class ClusterSettings(BaseSettings):
 
     model: str | None = Field(None, description="Checkpoint directory; default: the embedded tiny model.")
     num_workers: int = Field(2, ge=1, description="Expert workers to start with.")
-    num_routers: int = Field(1, ge=1, description="Routers (each its own gRPC server on port, port+1, ...).")
+    num_routers: int = Field(
+        1, ge=1, description="Routers on each router node (the node where `moe-serve serve` runs, or every node "
+        "with router_resource); each serves gRPC and HTTP on its own ports, counting up from port and http_port "
+        "among the routers that share a node's address.")
+    router_resource: str | None = Field(
+        None, description="Ray custom resource that marks router nodes (a KubeRay router group's pods carry it). "
+        "Set: num_routers routers run on every alive node with this resource, and the controller starts routers "
+        "on nodes that join and drops those of nodes that leave. None: routers run on the node where "
+        "`moe-serve serve` runs.")
+    worker_resource: str | None = Field(
+        None, description="Ray custom resource every expert worker asks for a sliver of (0.001), which keeps "
+        "workers on the nodes that carry it (a KubeRay expert-worker group). None: any node with the CPUs and "
+        "GPUs a worker asks for. Workers spread over nodes either way.")
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind; 0.0.0.0 in a pod.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of router 0; 0 picks a free port.")
     http_port: int | None = Field(
