@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_drain_router)
 
     p = sub.add_parser("generate", help="generate a completion (from a cluster with --target, else offline)")
-    p.add_argument("--target", help="HOST:PORT of a router; without it the single-process engine runs here")
+    p.add_argument("--target", help="HOST:PORT of a router, several separated by commas (tried in turn when one "
+                   "is unavailable), or dns:///NAME:PORT; without it the single-process engine runs here")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a --target completion")
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, built on first use)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
@@ -189,18 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_flags(p)
 
     p = sub.add_parser("status", help="placement plan and routing load of a running cluster")
-    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="HOST:PORT of a router, several separated by commas (failover), or dns:///NAME:PORT")
     p.set_defaults(func=cmd_status)
     add_connection_flags(p)
 
     p = sub.add_parser("rebalance", help="re-plan replicas for the current routing load, live")
-    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="HOST:PORT of a router, several separated by commas (failover), or dns:///NAME:PORT")
     p.add_argument("--reason", default="cli", help="recorded with the plan change")
     p.set_defaults(func=cmd_rebalance)
     add_connection_flags(p)
 
     p = sub.add_parser("autoscaling", help="show the worker autoscaling policy, or change some of its fields")
-    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a router")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="HOST:PORT of a router, several separated by commas (failover), or dns:///NAME:PORT")
     on_off = p.add_mutually_exclusive_group()
     on_off.add_argument("--enable", action="store_const", const=True, default=None)
     on_off.add_argument("--disable", dest="enable", action="store_const", const=False)

@@ -1,5 +1,11 @@
 """Client side of the CLI: stream a completion from a router, print cluster status.
 
+Targets: `--target` takes one router (HOST:PORT), several separated by commas, or a gRPC name such as
+`dns:///moe-serve-routers.default.svc.cluster.local:50051` (a headless Service: every router's address,
+balanced round-robin by the channel). A call that finds its router UNAVAILABLE before any answer came
+back is sent to the next target (failover); one cut off mid-stream is not repeated, since its tokens were
+already printed.
+
 Connection security (see router_service.security): `--tls-ca FILE` makes the channel TLS, verifying the
 server against that CA (`--tls-cert`/`--tls-key` add a client certificate for mutual TLS); `--token` or
 the MOE_SERVE_TOKEN environment variable sends `authorization: Bearer <token>` on every call.
@@ -40,11 +46,54 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
                         "visible in the process list, the variable is not)")
 
 
-def open_channel(args) -> grpc.Channel:
-    """The channel `args` describe: target plus the connection-security flags (absent flags: plaintext, no token)."""
+# A name that resolves to several addresses (dns:///, a headless Service) is balanced over all of them.
+ROUND_ROBIN = [("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
+
+
+def targets_of(target: str) -> list[str]:
+    """--target's routers, in the order they are tried: 'a:1,b:2' -> ['a:1', 'b:2']."""
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    if not targets:
+        raise SecurityConfigError(f"--target {target!r} names no router; give HOST:PORT[,HOST:PORT...]")
+    return targets
+
+
+def open_channel(args, target: str | None = None) -> grpc.Channel:
+    """The channel to `target` (default: --target's first) with the connection-security flags (absent flags:
+    plaintext, no token)."""
     token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
     tls_ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
-    return client_channel(args.target, tls_ca, token, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    return client_channel(target or targets_of(args.target)[0], tls_ca, token, getattr(args, "tls_cert", None),
+                          getattr(args, "tls_key", None), options=ROUND_ROBIN)
+
+
+class Unanswered(Exception):
+    """A router could not take the call (UNAVAILABLE before any answer): try the next target."""
+
+    def __init__(self, target: str, err: grpc.RpcError):
+        super().__init__(f"{target}: {err.code().name}: {err.details()}")
+        self.err = err
+
+
+def with_failover(args, call, start: int = 0):
+    """`call(channel, target)` on --target's routers from index `start` on, moving to the next while a router
+    raises Unanswered; returns (result, index of the router that answered). The last router's error is
+    raised as its grpc.RpcError."""
+    targets = targets_of(args.target)
+    for i in range(start, start + len(targets)):
+        target = targets[i % len(targets)]
+        with open_channel(args, target) as channel:
+            try:
+                return call(channel, target), i % len(targets)
+            except Unanswered as unanswered:
+                if i == start + len(targets) - 1:
+                    raise unanswered.err from None
+                print(f"{unanswered}; trying {targets[(i + 1) % len(targets)]}", file=sys.stderr, flush=True)
+
+
+def unanswered(target: str, err: grpc.RpcError) -> grpc.RpcError | Unanswered:
+    """`err` as Unanswered when the router never took the call (worth another target), else `err` itself."""
+    return Unanswered(target, err) if err.code() == grpc.StatusCode.UNAVAILABLE else err
 
 
 def wait_until_serving(target: str, timeout: float = 60.0, tls_ca: str | None = None) -> None:
@@ -83,17 +132,14 @@ def generate_remote(args) -> int:
     if not prompts:
         print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
-    try:
-        channel = open_channel(args)
-    except SecurityConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with channel:
-        stub = pb2_grpc.GenerationStub(channel)
-        for prompt in prompts:
+    router = 0  # the target that answered last: the next prompt starts there
+
+    def stream(prompt):
+        def call(channel, target):
             ids, text, logprobs, last = [], [], [], None
             try:
-                for msg in stub.GenerateStream(build_request(args, prompt), timeout=args.timeout):
+                for msg in pb2_grpc.GenerationStub(channel).GenerateStream(build_request(args, prompt),
+                                                                             timeout=args.timeout):
                     ids += msg.token_ids
                     logprobs += msg.logprobs
                     text.append(msg.text)
@@ -101,20 +147,31 @@ def generate_remote(args) -> int:
                         print(msg.text, end="", flush=True)
                     last = msg
             except grpc.RpcError as err:
-                print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
-                return 1
-            reason = FINISH_NAMES[last.finish_reason]
-            if args.json:
-                record = {"prompt": prompt, "token_ids": ids, "text": "".join(text), "finish_reason": reason,
-                          "usage": {"prompt_tokens": last.usage.prompt_tokens,
-                                    "completion_tokens": last.usage.completion_tokens}}
-                if args.logprobs:
-                    record["logprobs"] = logprobs
-                print(json.dumps(record), flush=True)
-            else:
-                t = last.timings
-                print(f"\n[{reason}, {len(ids)} tokens, first token {t.time_to_first_token_seconds * 1000:.0f} ms, "
-                      f"total {t.total_seconds:.2f} s]", flush=True)
+                raise (unanswered(target, err) if last is None else err) from None
+            return ids, text, logprobs, last
+        return with_failover(args, call, router)
+
+    for prompt in prompts:
+        try:
+            (ids, text, logprobs, last), router = stream(prompt)
+        except SecurityConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as err:
+            print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        reason = FINISH_NAMES[last.finish_reason]
+        if args.json:
+            record = {"prompt": prompt, "token_ids": ids, "text": "".join(text), "finish_reason": reason,
+                      "usage": {"prompt_tokens": last.usage.prompt_tokens,
+                                "completion_tokens": last.usage.completion_tokens}}
+            if args.logprobs:
+                record["logprobs"] = logprobs
+            print(json.dumps(record), flush=True)
+        else:
+            t = last.timings
+            print(f"\n[{reason}, {len(ids)} tokens, first token {t.time_to_first_token_seconds * 1000:.0f} ms, "
+                  f"total {t.total_seconds:.2f} s]", flush=True)
     return 0
 
 
@@ -144,28 +201,35 @@ def print_status(args) -> int:
     print(f"plan version {placement.plan_version}   workers {len(placement.workers)}   "
           f"balancedness {load.balancedness:.3f} (sum over MoE layers of mean tokens per worker / sum of max; "
           f"window {load.window_seconds:.0f} s)")
-    print(f"{'worker':<18}{'state':<10}{'device':<14}{'replicas':>9}{'pairs':>10}")
+    print(f"{'router':<10}{'node':<10}{'gRPC':<24}{'HTTP':<24}")
+    for r in placement.routers:
+        print(f"{'router-' + r.router_id:<10}{r.node_id[:8]:<10}{r.grpc_address:<24}{r.http_address or '-':<24}")
+    print()
+    print(f"{'worker':<18}{'state':<10}{'node':<10}{'device':<14}{'replicas':>9}{'pairs':>10}")
     for w in placement.workers:
         state = admin_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
-        print(f"{w.actor_name:<18}{state:<10}{w.device[:13]:<14}{len(w.replicas):>9}{tokens.get(w.worker_id, 0):>10}")
+        print(f"{w.actor_name:<18}{state:<10}{w.node_id[:8]:<10}{w.device[:13]:<14}{len(w.replicas):>9}"
+              f"{tokens.get(w.worker_id, 0):>10}")
     print()
     print(_load_grid(load))
     return 0
 
 
 def _admin_call(args, call):
-    """Open the channel the flags describe, run `call(stub)`, print a gRPC error as one line."""
-    try:
-        channel = open_channel(args)
-    except SecurityConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
-    with channel:
+    """Run `call(stub)` on the first of --target's routers that answers; print a gRPC error as one line."""
+    def on(channel, target):
         try:
             return call(admin_grpc.ClusterAdminStub(channel))
         except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return None
+            raise unanswered(target, err) from None
+
+    try:
+        return with_failover(args, on)[0]
+    except SecurityConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    return None
 
 
 def rebalance(args) -> int:

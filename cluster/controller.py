@@ -32,20 +32,22 @@ import dataclasses
 import functools
 import logging
 import math
+import pickle
 import re
 import threading
 import time
 
 import ray
 from pydantic import ValidationError
+from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason, ScalingState, desired_workers, routed_tokens
-from cluster.planner import (PlannerInput, balancedness, expert_groups, initial_plan, plan_change, worker_load,
-                             worker_name)
+from cluster.planner import (WORKER_PREFIX, PlannerInput, balancedness, expert_groups, initial_plan, plan_change,
+                             worker_load, worker_name)
 from cluster.planner import plan as make_plan
 from cluster.process_env import actor_runtime_env
-from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
+from cluster.settings import CONTROLLER_NAME, NAMESPACE, ROUTER_PREFIX, ClusterSettings, router_name
 from expert_workers.spec import load_spec
 from expert_workers.worker import ExpertWorker
 from router_service.api import cluster_admin_pb2 as admin_pb2
@@ -109,20 +111,70 @@ class PausePoint:
             await asyncio.to_thread(self.wait)
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterEntry:
+    """One router as the controller and clients know it."""
+
+    router_id: int
+    node_id: str  # the Ray node it is pinned to
+    address: str  # the host clients dial: the node's IP when routers bind every interface, else the bind host
+    grpc_port: int
+    http_port: int | None  # None: HTTP off
+
+    @property
+    def name(self) -> str:
+        return router_name(self.router_id)
+
+    def endpoint(self) -> dict:
+        return {"router": self.router_id, "name": self.name, "node_id": self.node_id, "address": self.address,
+                "grpc": self.grpc_port, "http": self.http_port}
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerState:
+    """What a restarted controller needs to carry on with nothing restarted: written to Ray's key-value store
+    (in the GCS) at every change of the plan, the fleet or the policy, and read back by `Controller.recover`."""
+
+    plan: PlacementPlan  # the plan in force, or the one routers are being switched to
+    next_worker_id: int
+    next_router_id: int
+    routers: tuple[RouterEntry, ...]
+    retired_nodes: frozenset[str]  # nodes whose routers were drained on request (a router pod going away)
+    policy: dict  # AutoscalingPolicy fields
+    events: tuple[dict, ...]  # the latest plan changes (status, tests)
+
+
+STATE_KEY = b"controller-state"  # in Ray's internal KV store, namespace NAMESPACE
+EVENTS_KEPT = 100  # plan changes a restarted controller still reports
+
+
+def cluster_actor_names() -> list[str]:
+    """Names of this project's live named actors (controller, routers, expert workers) in NAMESPACE."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and (a["name"] == CONTROLLER_NAME
+                                                or a["name"].startswith((ROUTER_PREFIX, WORKER_PREFIX)))]
+
+
+def _actor_id(name: str, prefix: str) -> int | None:
+    tail = name.removeprefix(prefix)
+    return int(tail) if name.startswith(prefix) and tail.isdigit() else None
+
+
 class Controller:
     def __init__(self, settings: dict, router_node_id: str | None = None):
         self.settings = ClusterSettings(**settings)
-        # Routers run where `moe-serve serve` runs (the head pod on KubeRay), which is where clients reach them.
+        # Without router_resource, routers run where `moe-serve serve` runs (this node's id).
         self.router_node_id = router_node_id
         self.model_dir = self.settings.model
         self.policy = self.settings.autoscaling
         self.plan: PlacementPlan | None = None
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self.worker_info: dict[int, dict] = {}
-        self.routers: list[ray.actor.ActorHandle] = []
-        self.ports: list[int] = []  # routers' gRPC ports, by router index
-        self.http_ports: list[int | None] = []  # and their HTTP ports (None: HTTP off)
-        self.events: list[dict] = []  # every plan change with its reason, for status and tests
+        self.routers: dict[int, RouterEntry] = {}  # by router id
+        self.router_handles: dict[int, ray.actor.ActorHandle] = {}
+        self.retired_nodes: set[str] = set()
+        self._next_router_id = 0
+        self.events: list[dict] = []  # plan changes with their reasons (the latest EVENTS_KEPT), for status and tests
         self._plan_lock = asyncio.Lock()
         # Worker states other than READY, by worker id: DRAINING while a rollout removes the worker, DEAD
         # from a failure report until its replacement is in the plan. `starting`: workers a rollout is
@@ -144,6 +196,14 @@ class Controller:
         self._loop_task: asyncio.Task | None = None
         # Replacements of dead workers that the control loop found, by worker id (see _check_fleet).
         self._replacing: dict[int, asyncio.Task] = {}
+        # Set once start() or recover() has the plan and the fleet; calls that need them wait for it.
+        self._ready = asyncio.Event()
+        self.recovered_seconds: float | None = None  # how long the last recovery took (control_stats)
+        context = ray.get_runtime_context() if ray.is_initialized() else None  # None: a test of the body
+        if context and context.get_actor_id() is not None and context.was_current_actor_reconstructed:
+            # Ray restarted this actor after its process died: recover runs as this actor's first call, once
+            # the constructor has returned. Workers and routers are detached, so they lived on meanwhile.
+            self._recovery = context.current_actor.recover.remote()
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -155,17 +215,27 @@ class Controller:
     async def _start_workers(self, workers: list[WorkerPlacement]) -> None:
         """Start worker actors hosting `workers`' replicas and wait until each has loaded them."""
         s = self.settings
+        self._persist()  # the ids handed out so far, before an actor holds one: a restart never reuses them
         cls = ray.remote(ExpertWorker)
+        resources = {s.worker_resource: 0.001} if s.worker_resource else {}
         handles = {}
         for w in workers:
+            # Detached: a worker outlives the controller's death (Ray restarts the controller, which finds it
+            # again). SPREAD: workers go to different nodes where they can, so a lost node takes fewer.
             # max_concurrency: reference-transport `run` calls keep flowing while `load_replicas` reads weights.
             handles[w.worker_id] = cls.options(
-                name=w.name, namespace=NAMESPACE, num_cpus=s.worker_num_cpus, num_gpus=self._worker_gpus(),
+                name=w.name, namespace=NAMESPACE, lifetime="detached", num_cpus=s.worker_num_cpus,
+                num_gpus=self._worker_gpus(), resources=resources, scheduling_strategy="SPREAD",
                 max_concurrency=4, runtime_env=actor_runtime_env(),
             ).remote(w.worker_id, self.model_dir, w.hosted(), self.dtype, s.torch_threads, s.data_plane_host,
                      s.replica_load_duty)
-        infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
-                                       s.start_timeout_seconds)
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in handles.values()]),
+                                           s.start_timeout_seconds)
+        except BaseException:
+            for h in handles.values():  # detached: nothing else would ever stop them
+                ray.kill(h)
+            raise
         self.workers.update(handles)
         self.worker_info.update({i["worker_id"]: i for i in infos})
 
@@ -173,8 +243,8 @@ class Controller:
         """The routers' engine settings, with the dtype the workers were given."""
         return self.settings.engine.model_copy(update={"dtype": self.dtype}).model_dump()
 
-    async def start(self) -> list[int]:
-        """Start workers then routers; returns the routers' gRPC ports."""
+    def _configure(self) -> None:
+        """What start and recover both derive from the settings and the checkpoint."""
         s = self.settings
         spec = load_spec(self.model_dir)
         self.spec = spec
@@ -184,38 +254,243 @@ class Controller:
         self.expert_bytes = spec.expert_bytes(4 if self.dtype == "float32" else 2)
         logical = len(spec.logical_experts)
         self.slots_per_worker = s.replica_slots_per_worker or math.ceil(logical * 1.25 / s.num_workers)
-        self.plan = initial_plan(spec, s.num_workers)
-        self._next_worker_id = max(w.worker_id for w in self.plan.workers) + 1
         self.metrics = ControllerMetrics()
+
+    async def start(self) -> list[int]:
+        """Start workers then routers; returns the routers' gRPC ports."""
+        self._configure()
+        self.plan = initial_plan(self.spec, self.settings.num_workers)
+        self._next_worker_id = max(w.worker_id for w in self.plan.workers) + 1
         await self._start_workers(list(self.plan.workers))
-        router_cls = ray.remote(Router)
-        for r in range(s.num_routers):
-            port = s.port + r if s.port else 0
-            http_port = None if s.http_port is None else (s.http_port + r if s.http_port else 0)
-            # Ray restarts a killed router; the control loop then starts it again (see _check_routers).
-            placement = {}
-            if self.router_node_id:
-                placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.router_node_id, soft=False)
-            self.routers.append(router_cls.options(name=f"router-{r}", namespace=NAMESPACE, **placement,
-                                                   num_cpus=s.router_num_cpus, max_restarts=-1,
-                                                   runtime_env=actor_runtime_env()).remote(
-                r, self.model_dir, self.router_engine_settings(), self.plan, s.host, port, NAMESPACE,
-                CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport, http_port))
-        bound = await asyncio.wait_for(asyncio.gather(*[r.start.remote() for r in self.routers]),
-                                       s.start_timeout_seconds)
-        self.ports, self.http_ports = [b["grpc"] for b in bound], [b["http"] for b in bound]
+        nodes = self._router_nodes()
+        if not nodes:
+            raise RuntimeError(f"no alive Ray node has the router resource {self.settings.router_resource!r}")
+        await self._start_routers(nodes)
+        self._persist()
         self.metrics.plan(self.plan)
+        self._ready.set()
         self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
-        log.info("cluster up: %d workers, routers on ports %s", len(self.workers), self.ports)
-        return self.ports
+        log.info("cluster up: %d workers, routers at %s", len(self.workers),
+                 ", ".join(f"{r.address}:{r.grpc_port}" for r in self.routers.values()))
+        return [r.grpc_port for r in self.routers.values()]
+
+    # --- routers -----------------------------------------------------------------------------
+
+    def _router_nodes(self) -> dict[str, str]:
+        """The alive nodes that should host routers, node id -> IP: those with router_resource, or the node
+        `moe-serve serve` runs on; less the nodes whose routers were retired."""
+        resource = self.settings.router_resource
+        return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()
+                if n["Alive"] and n["NodeID"] not in self.retired_nodes
+                and (n["Resources"].get(resource, 0) > 0 if resource else n["NodeID"] == self.router_node_id)}
+
+    def _router_ports(self, address: str, taken: list[RouterEntry]) -> tuple[int, int | None]:
+        """The next router's gRPC and HTTP ports on `address`: the base ports, counted up past those of the
+        routers already there (several routers on one node, or several nodes on one machine, as in tests).
+        A base of 0 stays 0: each router picks a free port."""
+        s = self.settings
+        grpc_used = {r.grpc_port for r in taken if r.address == address}
+        http_used = {r.http_port for r in taken if r.address == address}
+        rank = 0
+        while ((s.port and s.port + rank in grpc_used)
+               or (s.http_port and s.http_port + rank in http_used)):
+            rank += 1
+        grpc_port = s.port + rank if s.port else 0
+        http_port = None if s.http_port is None else (s.http_port + rank if s.http_port else 0)
+        return grpc_port, http_port
+
+    async def _start_routers(self, nodes: dict[str, str]) -> None:
+        """Start num_routers routers on each of `nodes` (node id -> IP), pinned there, and wait until they serve.
+
+        Called under _plan_lock or before the control loop runs, so no plan change misses a starting router."""
+        s = self.settings
+        cls = ray.remote(Router)
+        every_interface = s.host in ("0.0.0.0", "::", "")
+        starting: dict[int, tuple[RouterEntry, ray.actor.ActorHandle]] = {}
+        for node_id, ip in nodes.items():
+            for _ in range(s.num_routers):
+                rid, self._next_router_id = self._next_router_id, self._next_router_id + 1
+                address = ip if every_interface else s.host
+                grpc_port, http_port = self._router_ports(
+                    address, [*self.routers.values(), *(e for e, _ in starting.values())])
+                # Detached, so it outlives the controller; Ray restarts it after a crash and the control loop
+                # then starts it again (see _check_routers). Pinned: clients know it by its node's address.
+                handle = cls.options(
+                    name=router_name(rid), namespace=NAMESPACE, lifetime="detached", num_cpus=s.router_num_cpus,
+                    max_restarts=-1, runtime_env=actor_runtime_env(),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                ).remote(rid, self.model_dir, self.router_engine_settings(), self.plan, s.host, grpc_port,
+                         NAMESPACE, CONTROLLER_NAME, s.load_window_seconds, s.router_torch_threads, s.transport,
+                         http_port)
+                starting[rid] = (RouterEntry(rid, node_id, address, grpc_port, http_port), handle)
+        self._persist()  # the router ids handed out
+        bound = await asyncio.gather(*[asyncio.wait_for(h.start.remote(), s.start_timeout_seconds)
+                                       for _, h in starting.values()], return_exceptions=True)
+        failed = []
+        for (rid, (entry, handle)), ports in zip(starting.items(), bound):
+            if isinstance(ports, BaseException):
+                failed.append((entry, ports))
+                ray.kill(handle)
+                continue
+            self.routers[rid] = dataclasses.replace(entry, grpc_port=ports["grpc"], http_port=ports["http"])
+            self.router_handles[rid] = handle
+            log.info("router %d serving on node %s at %s:%d (HTTP %s)", rid, entry.node_id[:8], entry.address,
+                     ports["grpc"], ports["http"])
+        self._persist()
+        if failed:
+            entry, err = failed[0]
+            raise RuntimeError(f"{len(failed)} router(s) failed to start, {entry.name} on node {entry.node_id}: "
+                               f"{err}") from err
+
+    async def _check_routers(self) -> None:
+        """Routers follow the nodes: drop those whose node is gone, start again those Ray restarted, and start
+        routers on router nodes that have none (a router pod joined)."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        self.retired_nodes &= alive  # node ids are never reused
+        changed = False
+        for rid, entry in list(self.routers.items()):
+            handle = self.router_handles[rid]
+            if entry.node_id not in alive:
+                log.warning("%s: its node %s is gone; dropped", entry.name, entry.node_id)
+                self.routers.pop(rid)
+                self.router_handles.pop(rid)
+                ray.kill(handle, no_restart=True)
+                changed = True
+                continue
+            try:
+                stats = await asyncio.wait_for(handle.stats.remote(), 10)
+            except Exception:  # restarting: try again next round
+                continue
+            if not stats["started"] and not stats.get("drained"):
+                log.warning("%s was restarted by Ray; starting it on port %d", entry.name, entry.grpc_port)
+                await handle.start.remote(self.plan, entry.grpc_port, entry.http_port)
+        covered = {e.node_id for e in self.routers.values()}
+        joined = {n: ip for n, ip in self._router_nodes().items() if n not in covered}
+        if joined and not self._plan_lock.locked():
+            async with self._plan_lock:  # a starting router must get the plan in force, not miss a switch
+                log.info("router nodes joined: %s", ", ".join(joined))
+                await self._start_routers(joined)
+        elif changed:
+            self._persist()
+
+    async def retire_routers(self, node_id: str, grace_seconds: float | None = None) -> list[dict]:
+        """Drain the routers on `node_id` (stop admitting, let requests in flight finish), then stop them, and
+        start none there again: `moe-serve drain-router`, a router pod's preStop hook. Returns each one's drain
+        summary."""
+        await self._until_ready()
+        grace = self.settings.drain_grace_seconds if grace_seconds is None else grace_seconds
+        self.retired_nodes.add(node_id)
+        leaving = [rid for rid, e in self.routers.items() if e.node_id == node_id]
+        self._persist()
+        summaries = await asyncio.gather(*[self.router_handles[rid].stop.remote(grace) for rid in leaving],
+                                         return_exceptions=True)
+        for rid in leaving:
+            self.routers.pop(rid, None)
+            if (handle := self.router_handles.pop(rid, None)) is not None:
+                ray.kill(handle, no_restart=True)
+        self._persist()
+        log.info("routers %s on node %s drained and retired", leaving, node_id)
+        return [{"error": str(x)} if isinstance(x, BaseException) else x for x in summaries]
+
+    async def drain_routers(self, grace_seconds: float | None = None) -> list[dict]:
+        """Drain every router at once (Router.stop): the first step of stopping the cluster."""
+        await self._until_ready()
+        grace = self.settings.drain_grace_seconds if grace_seconds is None else grace_seconds
+        summaries = await asyncio.gather(*[h.stop.remote(grace) for h in self.router_handles.values()],
+                                         return_exceptions=True)
+        return [{"error": str(x)} if isinstance(x, BaseException) else x for x in summaries]
+
+    async def _on_routers(self, method: str, *args) -> dict[int, object]:
+        """Call `method` on every router at once: router id -> result; a router that fails (its node went, it
+        restarts) gives its exception instead of failing the others."""
+        ids = list(self.router_handles)
+        results = await asyncio.gather(*[getattr(self.router_handles[rid], method).remote(*args) for rid in ids],
+                                       return_exceptions=True)
+        return dict(zip(ids, results))
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def _persist(self, plan: PlacementPlan | None = None) -> None:
+        """Write what a restarted controller needs (ControllerState) to Ray's KV store; `plan` overrides the
+        plan in force (a plan change records its new plan before any router switches to it)."""
+        plan = plan or self.plan
+        if plan is None:
+            return
+        state = ControllerState(plan, self._next_worker_id, self._next_router_id, tuple(self.routers.values()),
+                                frozenset(self.retired_nodes), self.policy.model_dump(),
+                                tuple(self.events[-EVENTS_KEPT:]))
+        internal_kv._internal_kv_put(STATE_KEY, pickle.dumps(state), overwrite=True, namespace=NAMESPACE)
+
+    async def _until_ready(self, timeout: float = 120.0) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def recover(self) -> dict:
+        """After Ray restarted this actor: read the state back, find the live workers and routers again (they
+        are detached, nothing restarts), finish what a plan change cut short, and resume the control loop.
+
+        A change cut short before its new plan was recorded leaves workers the plan does not name (killed here)
+        and replicas it does not name (unloaded); one cut short after, routers on the old plan (switched here,
+        since its workers were loaded before it was recorded). The plan version never goes backwards."""
+        began = time.monotonic()
+        raw = internal_kv._internal_kv_get(STATE_KEY, namespace=NAMESPACE)
+        if raw is None:
+            log.error("controller restarted with no saved state (it died while starting): nothing to recover")
+            return {"recovered": False}
+        state: ControllerState = pickle.loads(raw)
+        self._configure()
+        self.plan, self.events = state.plan, list(state.events)
+        self.policy = AutoscalingPolicy(**state.policy)
+        self.retired_nodes = set(state.retired_nodes)
+        names = cluster_actor_names()
+        worker_ids = [i for n in names if (i := _actor_id(n, WORKER_PREFIX)) is not None]
+        router_ids = [i for n in names if (i := _actor_id(n, ROUTER_PREFIX)) is not None]
+        self._next_worker_id = max([state.next_worker_id, *(i + 1 for i in worker_ids)])
+        self._next_router_id = max([state.next_router_id, *(i + 1 for i in router_ids)])
+        in_plan = {w.worker_id: w for w in self.plan.workers}
+        for wid in worker_ids:
+            handle = ray.get_actor(worker_name(wid), namespace=NAMESPACE)
+            if wid in in_plan:
+                self.workers[wid] = handle
+            else:  # started by a change that was never recorded
+                ray.kill(handle, no_restart=True)
+        infos = await asyncio.gather(*[asyncio.wait_for(h.info.remote(), 30) for h in self.workers.values()],
+                                     return_exceptions=True)
+        fixes = []
+        for wid, info in zip(list(self.workers), infos):
+            if isinstance(info, BaseException):
+                continue  # dead or dying: the control loop's first turn replaces it
+            self.worker_info[wid] = info
+            hosted = {(int(layer), e) for layer, experts in info["hosted"].items() for e in experts}
+            wanted = set(in_plan[wid].replicas)
+            if extra := hosted - wanted:
+                fixes.append(self.workers[wid].unload_replicas.remote(by_layer(sorted(extra))))
+            if missing := wanted - hosted:
+                fixes.append(self.workers[wid].load_replicas.remote(by_layer(sorted(missing))))
+        for entry in state.routers:
+            try:
+                self.router_handles[entry.router_id] = ray.get_actor(entry.name, namespace=NAMESPACE)
+                self.routers[entry.router_id] = entry
+            except ValueError:  # gone with its node: _check_routers starts a new one where routers belong
+                pass
+        await asyncio.gather(*fixes, return_exceptions=True)
+        await self._on_routers("set_plan", self.plan)  # a no-op for a router already on it
+        self._persist()
+        self.metrics.plan(self.plan)
+        self.recovered_seconds = time.monotonic() - began
+        self._ready.set()
+        self._loop_task = asyncio.get_running_loop().create_task(self._control_loop())
+        log.warning("controller restarted: recovered plan v%d, %d workers and %d routers in %.2f s",
+                    self.plan.version, len(self.workers), len(self.routers), self.recovered_seconds)
+        return {"recovered": True, "plan_version": self.plan.version, "seconds": self.recovered_seconds}
 
     # --- load --------------------------------------------------------------------------------
 
     async def load(self, seconds: float | None = None) -> dict[tuple[int, int], int]:
         """Tokens per logical expert over the window (or its last `seconds`), summed over routers."""
-        totals = await asyncio.gather(*[r.expert_load.remote(seconds) for r in self.routers])
         out: dict[tuple[int, int], int] = {}
-        for per_router in totals:
+        for per_router in (await self._on_routers("expert_load", seconds)).values():
+            if isinstance(per_router, BaseException):  # its node went, or it restarts: its load is lost anyway
+                continue
             for li, layer in enumerate(self.plan.moe_layers):
                 for e, n in enumerate(per_router[li]):
                     out[(layer, e)] = out.get((layer, e), 0) + n
@@ -306,8 +581,11 @@ class Controller:
             lap("load")
             await self.pauses["switch"].wait_async()
             mark = time.perf_counter()  # a held pause is a test's, not the rollout's
-            # 3. every router switches at a step boundary and acknowledges.
-            await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers])
+            # 3. every router switches at a step boundary and acknowledges. The new plan is recorded first: a
+            # controller that dies from here on switches every router to it when it recovers.
+            self._persist(new)
+            acks = await self._on_routers("set_plan", new)
+            self._raise_unless_switched(acks, new)
             lap("switch")
         except BaseException:  # the rollout failed: the old plan stays, and so do its workers
             for wid in leaving:
@@ -317,6 +595,7 @@ class Controller:
             for w in fresh:
                 self.starting.pop(w.worker_id, None)
         self.plan = new
+        self.events.append(record)
         # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
         await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
                                for wid, removed in change.removed.items() if wid not in leaving])
@@ -327,7 +606,7 @@ class Controller:
             self.worker_info.pop(wid, None)
             self.worker_states.pop(wid, None)
         record["seconds"] = time.perf_counter() - started
-        self.events.append(record)
+        self._persist()
         self.metrics.plan(new)
         self.metrics.rebalanced(reason.value)
         log.info("plan v%d -> v%d (%s: %s): workers %d -> %d, balancedness %.3f -> %.3f, %d bytes moved in "
@@ -351,6 +630,15 @@ class Controller:
             workers.append(w)
         return dataclasses.replace(new, workers=tuple(workers))
 
+    def _raise_unless_switched(self, acks: dict[int, object], new: PlacementPlan) -> None:
+        """Fail the rollout if a router that is still part of the fleet did not switch to `new`: its old plan's
+        replicas must stay. A router whose node has left is dropped by _check_routers, not waited for."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for rid, ack in acks.items():
+            entry = self.routers[rid]
+            if isinstance(ack, BaseException) and entry.node_id in alive:
+                raise RuntimeError(f"{entry.name} did not switch to plan v{new.version}: {ack}") from ack
+
     def _compute_plan(self, inp: PlannerInput) -> PlacementPlan:
         """The planner call, on a worker thread (see rebalance); it reads only `inp` and settings."""
         self.pauses["plan"].wait()
@@ -373,14 +661,17 @@ class Controller:
         return self.pauses[point]
 
     def control_stats(self) -> dict:
-        """Control-loop turns so far, and how many skipped because a plan change was under way."""
-        return {"evaluations": self.evaluations, "evaluations_skipped": self.evaluations_skipped}
+        """Control-loop turns so far, how many skipped because a plan change was under way, and how long the
+        last recovery after a restart took (None: never restarted)."""
+        return {"evaluations": self.evaluations, "evaluations_skipped": self.evaluations_skipped,
+                "recovered_seconds": self.recovered_seconds, "pid": __import__("os").getpid()}
 
     async def worker_failed(self, worker_id: int) -> None:
         """A router saw `worker_id` fail: replace it with a new worker hosting the same replicas.
 
         Routers re-run the failed pairs on other replicas meanwhile, and wait for this plan
         where the dead worker held the only replica. The dead worker is reported DEAD until then."""
+        await self._until_ready()
         if any(w.worker_id == worker_id for w in self.plan.workers):
             self.worker_states[worker_id] = admin_pb2.WORKER_STATE_DEAD
         async with self._plan_lock:
@@ -389,7 +680,8 @@ class Controller:
             if lost is None:  # already replaced (several routers report the same death)
                 return
             started = time.perf_counter()
-            self.workers.pop(worker_id, None)
+            if (dead := self.workers.pop(worker_id, None)) is not None:
+                ray.kill(dead, no_restart=True)  # detached: a hung worker would otherwise linger
             self.worker_info.pop(worker_id, None)
             new_id, self._next_worker_id = self._next_worker_id, self._next_worker_id + 1
             replacement = WorkerPlacement(new_id, worker_name(new_id), lost.replicas)
@@ -399,7 +691,8 @@ class Controller:
             try:
                 await self._start_workers([replacement])
                 await self.pauses["switch"].wait_async()
-                await asyncio.gather(*[r.set_plan.remote(new) for r in self.routers], return_exceptions=True)
+                self._persist(new)
+                await self._on_routers("set_plan", new)  # a router that fails here is restarted on `plan`
             finally:
                 self.starting.pop(new_id, None)
             self.plan = new
@@ -410,13 +703,14 @@ class Controller:
                       "workers_before": len(old.workers), "workers_after": len(new.workers),
                       "seconds": time.perf_counter() - started, "dropped": False}
             self.events.append(record)
+            self._persist()
             self.metrics.plan(new)
             self.metrics.rebalanced(reason.value)
             log.warning("expert worker %d failed: replaced by %d with its %d replicas in %.2f s (plan v%d)",
                         worker_id, new_id, len(lost.replicas), record["seconds"], new.version)
 
     async def _check_fleet(self) -> None:
-        """Liveness: replace workers that died while idle; start routers that Ray restarted."""
+        """Liveness: replace workers that died while idle; routers follow their nodes (_check_routers)."""
         for wid, handle in list(self.workers.items()):
             if wid in self._replacing:
                 continue
@@ -428,14 +722,7 @@ class Controller:
                 task = asyncio.get_running_loop().create_task(self.worker_failed(wid))
                 self._replacing[wid] = task
                 task.add_done_callback(functools.partial(self._replaced, wid))
-        for i, router in enumerate(self.routers):
-            try:
-                stats = await asyncio.wait_for(router.stats.remote(), 10)
-            except Exception:  # restarting: try again next round
-                continue
-            if not stats["started"]:
-                log.warning("router-%d was restarted by Ray; starting it on port %d", i, self.ports[i])
-                await router.start.remote(self.plan, self.ports[i], self.http_ports[i])
+        await self._check_routers()
 
     def _replaced(self, worker_id: int, task: asyncio.Task) -> None:
         """Done callback of a replacement task started by _check_fleet."""
@@ -496,7 +783,7 @@ class Controller:
     def placement(self) -> admin_pb2.Placement:
         """The plan in force, each worker with its state (READY, DRAINING while a rollout removes it, DEAD from
         a failure until its replacement is in the plan), then the workers a plan change is starting (STARTING,
-        with the replicas they will host, until routers use the plan that has them)."""
+        with the replicas they will host, until routers use the plan that has them); and every router."""
         msg = admin_pb2.Placement(plan_version=self.plan.version)
         in_plan = {p.worker_id for p in self.plan.workers}
         starting = [w for wid, w in sorted(self.starting.items()) if wid not in in_plan]
@@ -507,6 +794,9 @@ class Controller:
             msg.workers.add(worker_id=str(w.worker_id), actor_name=w.name, node_id=info.get("node_id", ""),
                             device=info.get("device", ""), state=state,
                             replicas=[admin_pb2.ExpertRef(layer=l, expert=e) for l, e in w.replicas])
+        for r in self.routers.values():
+            msg.routers.add(router_id=str(r.router_id), node_id=r.node_id, grpc_address=f"{r.address}:{r.grpc_port}",
+                            http_address=f"{r.address}:{r.http_port}" if r.http_port is not None else "")
         return msg
 
     async def expert_load(self) -> admin_pb2.ExpertLoad:
@@ -530,6 +820,7 @@ class Controller:
 
     async def admin(self, method: str, payload: bytes) -> bytes:
         """ClusterAdmin as (method, serialized request) -> serialized response."""
+        await self._until_ready()
         if method == "GetPlacement":
             return self.placement().SerializeToString()
         if method == "GetExpertLoad":
@@ -553,6 +844,7 @@ class Controller:
                        "cooldown_seconds": m.cooldown_seconds}).model_dump())
             except ValidationError as err:
                 raise _policy_error(err) from None
+            self._persist()
             log.info("autoscaling policy set: %s", self.policy)
             return self._policy_message().SerializeToString()
         raise InvalidRequest("method", f"unknown ClusterAdmin method {method!r}")
@@ -560,37 +852,66 @@ class Controller:
     async def plan_events(self) -> list[dict]:
         return list(self.events)
 
-    def endpoints(self) -> list[dict]:
-        """Each router's ports: [{"router": index, "grpc": port, "http": port or None}]."""
-        return [{"router": i, "grpc": g, "http": h} for i, (g, h) in enumerate(zip(self.ports, self.http_ports))]
+    async def endpoints(self) -> list[dict]:
+        """Every router, by id: [{"router", "name", "node_id", "address", "grpc": port, "http": port or None}]."""
+        await self._until_ready()
+        return [e.endpoint() for e in self.routers.values()]
 
     async def router_stats(self) -> list[dict]:
-        return await asyncio.gather(*[r.stats.remote() for r in self.routers])
+        return await asyncio.gather(*[h.stats.remote() for h in self.router_handles.values()])
 
     async def shutdown(self) -> None:
+        """Stop routers (after a short drain) and workers, and forget the saved state: nothing is recovered."""
         if self._loop_task is not None:
             self._loop_task.cancel()
         for task in list(self._replacing.values()):
             task.cancel()
-        await asyncio.gather(*[r.stop.remote() for r in self.routers], return_exceptions=True)
-        for handle in [*self.routers, *self.workers.values()]:
-            ray.kill(handle)
-        self.routers, self.workers = [], {}
+        await self._on_routers("stop")
+        internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
+        for handle in [*self.router_handles.values(), *self.workers.values()]:
+            ray.kill(handle, no_restart=True)
+        self.routers, self.router_handles, self.workers = {}, {}, {}
 
 
 def start_cluster(settings: ClusterSettings) -> tuple[ray.actor.ActorHandle, list[int]]:
-    """Create the detached controller (Ray must be initialised) and bring the cluster up."""
+    """Create the detached controller (Ray must be initialised) and bring the cluster up; returns it and the
+    routers' gRPC ports.
+
+    Ray restarts the controller if its process dies (max_restarts), and it recovers (Controller.recover).
+    Calls in flight when it died fail; calls made while it restarts wait for it."""
     if settings.model is None:
         from cluster.make_model import default_model_dir
 
         settings = settings.model_copy(update={"model": str(default_model_dir())})
     controller = ray.remote(Controller).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=64,
+        max_restarts=-1,
     ).remote(settings.model_dump(), ray.get_runtime_context().get_node_id())
-    ports = ray.get(controller.start.remote())
+    try:
+        ports = ray.get(controller.start.remote())
+    except BaseException:
+        kill_cluster()
+        raise
     return controller, ports
 
 
+def kill_cluster() -> None:
+    """Kill every actor of the cluster by name, controller first (so it restarts nothing), and forget its state:
+    the way out when the controller cannot shut the cluster down itself."""
+    names = sorted(cluster_actor_names(), key=lambda n: n != CONTROLLER_NAME)
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # already gone
+            pass
+    internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
+
+
 def stop_cluster(controller: ray.actor.ActorHandle) -> None:
-    ray.get(controller.shutdown.remote())
-    ray.kill(controller)
+    """Stop routers and workers through the controller, then the controller; by name if it cannot."""
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        log.warning("the controller could not stop the cluster (%s); killing its actors by name", err)
+    finally:
+        kill_cluster()

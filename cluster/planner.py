@@ -59,8 +59,11 @@ DEFAULT_MIGRATION_WEIGHT = 0.03
 DEFAULT_GROUP_WEIGHT = 0.03
 
 
+WORKER_PREFIX = "expert-worker-"  # Ray actor names of expert workers: expert-worker-<id>
+
+
 def worker_name(worker_id: int) -> str:
-    return f"expert-worker-{worker_id}"
+    return f"{WORKER_PREFIX}{worker_id}"
 
 
 def round_robin_plan(moe_layers: tuple[int, ...], num_experts: int, num_workers: int,

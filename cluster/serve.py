@@ -54,26 +54,6 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     return settings
 
 
-def drain_routers(settings: ClusterSettings) -> list[dict]:
-    """Drain every router at once (Router.stop); returns each one's summary (or its error)."""
-    import ray
-
-    calls = []
-    for r in range(settings.num_routers):
-        try:
-            calls.append(ray.get_actor(f"router-{r}", namespace=NAMESPACE).stop.remote(settings.drain_grace_seconds))
-        except ValueError:  # no such actor (it died): nothing to drain
-            log.warning("router-%d not found; not drained", r)
-    summaries = []
-    for call in calls:
-        try:
-            summaries.append(ray.get(call, timeout=settings.drain_grace_seconds + STOP_TIMEOUT_SECONDS))
-        except (ray.exceptions.RayError, TimeoutError) as err:
-            log.warning("a router did not drain cleanly: %s", err)
-            summaries.append({"error": str(err)})
-    return summaries
-
-
 def drain_node_routers(args: argparse.Namespace) -> int:
     """`moe-serve drain-router`: the controller drains and retires every router on the node this runs on."""
     import ray
@@ -101,7 +81,7 @@ def drain_node_routers(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.controller import start_cluster, stop_cluster
+    from cluster.controller import kill_cluster, start_cluster, stop_cluster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from_args(args)
@@ -112,11 +92,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
-    controller, ports = start_cluster(settings)
-    targets = [f"{settings.host}:{p}" for p in ports]
+    controller, _ = start_cluster(settings)
+    endpoints = ray.get(controller.endpoints.remote())
+    targets = [f"{e['address']}:{e['grpc']}" for e in endpoints]
     scheme = "https" if security.tls else "http"
-    urls = [f"{scheme}://{settings.host}:{e['http']}/v1" for e in ray.get(controller.endpoints.remote()) if e["http"]]
-    print(f"moe-serve: {settings.num_workers} expert workers, routers serving gRPC on {', '.join(targets)}"
+    urls = [f"{scheme}://{e['address']}:{e['http']}/v1" for e in endpoints if e["http"]]
+    print(f"moe-serve: {settings.num_workers} expert workers, {len(endpoints)} routers serving gRPC on "
+          f"{', '.join(targets)}"
           + (f", the OpenAI API on {', '.join(urls)}" if urls else "")
           + f" ({'TLS' if security.tls else 'plaintext'}, {'token' if security.auth else 'no'} authentication)",
           flush=True)
@@ -144,14 +126,19 @@ def serve(args: argparse.Namespace) -> int:
     stop.wait()
     try:  # from here a second signal, however soon, ends the drain early (without a traceback)
         print(f"moe-serve: draining (up to {settings.drain_grace_seconds:g} s for requests in flight)", flush=True)
-        for summary in drain_routers(settings):
+        try:
+            summaries = ray.get(controller.drain_routers.remote(settings.drain_grace_seconds),
+                                timeout=settings.drain_grace_seconds + STOP_TIMEOUT_SECONDS)
+        except (ray.exceptions.RayError, TimeoutError) as err:  # stop_cluster kills what is left
+            summaries = [{"error": f"the routers could not be drained: {err}"}]
+        for summary in summaries:
             print(f"moe-serve: router drained: {summary}", flush=True)
         print("moe-serve: stopping", flush=True)
         stop_cluster(controller)
     except KeyboardInterrupt:
         print("moe-serve: second signal, stopping now", flush=True)
         try:
-            ray.kill(controller)  # its routers and workers go with it (Ray fate-sharing)
+            kill_cluster()  # routers and workers are detached: each is killed by name
         except Exception:
             pass
         ray.shutdown()

@@ -20,6 +20,11 @@ from router_service.engine import EngineSettings
 
 NAMESPACE = "moe-serve"  # Ray namespace of every named actor
 CONTROLLER_NAME = "controller"
+ROUTER_PREFIX = "router-"  # routers are named router-<id>; ids are never reused within a cluster
+
+
+def router_name(router_id: int) -> str:
+    return f"{ROUTER_PREFIX}{router_id}"
 
 
 class ClusterSettings(BaseSettings):

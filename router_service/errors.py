@@ -18,3 +18,8 @@ class QueueFull(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is draining or has stopped (UNAVAILABLE)."""
+
+
+class ControllerUnavailable(RuntimeError):
+    """The controller is restarting or unreachable (UNAVAILABLE): an admin call can be retried shortly. Serving
+    does not depend on it, so generation calls never see this."""

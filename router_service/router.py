@@ -18,7 +18,7 @@ from expert_workers.worker import host_cpus
 from router_service.async_engine import AsyncEngine
 from router_service.cluster_dispatch import ClusterDispatcher
 from router_service.engine import EngineSettings, load_engine
-from router_service.errors import InvalidRequest
+from router_service.errors import ControllerUnavailable, InvalidRequest
 from router_service.http_server import start_http_server
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementPlan
@@ -87,10 +87,15 @@ class Router:
         self.engine = AsyncEngine(engine, asyncio.get_running_loop())
 
         async def admin(method: str, payload: bytes) -> bytes:
+            import ray
+
             try:
                 return await controller.admin.remote(method, payload)
             except InvalidRequest as err:  # Ray's wrapper of the controller's error: its str is a traceback
                 raise InvalidRequest(err.field, err.message) from None
+            except ray.exceptions.RayActorError:  # died or restarting (Ray restarts it; it recovers its state)
+                raise ControllerUnavailable(f"ClusterAdmin.{method}: the controller is restarting, retry in a few "
+                                            "seconds (serving is not affected)") from None
         self.metrics = RouterMetrics(f"router-{self.router_id}")
         security = await controller.__ray_call__.remote(controller_security)
         model_name = os.path.basename(self.model_dir.rstrip("/"))
@@ -134,8 +139,9 @@ class Router:
 
     def stats(self) -> dict:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak; ru_maxrss is KiB on Linux
-        if self.server is None:
-            return {"router_id": self.router_id, "started": False, "max_rss_bytes": rss}
+        if self.server is None:  # not started yet, restarted by Ray, or drained (stop)
+            return {"router_id": self.router_id, "started": False, "drained": hasattr(self, "_drain"),
+                    "max_rss_bytes": rss}
         e = self.engine.engine
         return {"router_id": self.router_id, "started": True, "port": self.port, "http_port": self.http_port,
                 "running": e.num_running,

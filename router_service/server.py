@@ -27,7 +27,7 @@ from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.async_engine import AsyncEngine, EngineStepError
 from router_service.engine import Request, StepOutput
-from router_service.errors import EngineStopped, InvalidRequest, QueueFull
+from router_service.errors import ControllerUnavailable, EngineStopped, InvalidRequest, QueueFull
 from router_service.metrics import RequestTimer, RouterMetrics
 from router_service.sampling import SamplingParams
 from router_service.security import BearerTokenInterceptor, ServerSecurity
@@ -50,6 +50,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),
     (EngineStepError, grpc.StatusCode.UNAVAILABLE),
+    (ControllerUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

@@ -50,22 +50,38 @@ def tiny_model(moe_serve_cache) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session, in the cluster's namespace."""
+def ray_cluster():
+    """One local Ray cluster for the whole session, the driver connected in the cluster's namespace.
+
+    It starts as one head node (2 CPUs); multi-node tests add nodes to it (`ray_cluster.add_node(...)`, each
+    its own raylet with its own resources) and remove them again, so every test shares one GCS.
+    """
     import ray
+    from ray.cluster_utils import Cluster
+
     from cluster.settings import NAMESPACE
 
-    if ray.is_initialized():  # e.g. a test module started its own; reuse it rather than fail
-        yield ray
-        return
     global _RAY_METRICS_PORT
-    _RAY_METRICS_PORT = _free_port()  # Prometheus endpoint of this node's Ray metrics agent
-    ray.init(namespace=NAMESPACE, include_dashboard=False, num_cpus=2, log_to_driver=False,
-             configure_logging=False, _metrics_export_port=_RAY_METRICS_PORT)
+    _RAY_METRICS_PORT = _free_port()  # Prometheus endpoint of the head node's Ray metrics agent
+    # A node whose raylet is killed counts as dead after 3 missed health checks 0.5 s apart (Ray's default waits
+    # longer), so multi-node tests see a lost node's actors rescheduled within seconds.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "metrics_export_port": _RAY_METRICS_PORT,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     try:
-        yield ray
+        yield cluster
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """The session's Ray (see ray_cluster), for tests that need Ray but not its nodes."""
+    import ray
+
+    return ray
 
 
 _RAY_METRICS_PORT: int | None = None

@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoeserve/v1/cluster_admin.proto\x12\x0bmoeserve.v1\"\x15\n\x13GetPlacementRequest\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xa3\x01\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nactor_name\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.moeserve.v1.WorkerState\x12(\n\x08replicas\x18\x06 \x03(\x0b\x32\x16.moeserve.v1.ExpertRef\"G\n\tPlacement\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12$\n\x07workers\x18\x02 \x03(\x0b\x32\x13.moeserve.v1.Worker\"\x16\n\x14GetExpertLoadRequest\"R\n\x0f\x45xpertLoadEntry\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08replicas\x18\x04 \x01(\r\"/\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\xa9\x01\n\nExpertLoad\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\x12-\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1c.moeserve.v1.ExpertLoadEntry\x12(\n\x07workers\x18\x04 \x03(\x0b\x32\x17.moeserve.v1.WorkerLoad\x12\x14\n\x0c\x62\x61lancedness\x18\x05 \x01(\x01\"\"\n\x10RebalanceRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa6\x01\n\x11RebalanceResponse\x12\x18\n\x10old_plan_version\x18\x01 \x01(\x04\x12\x18\n\x10new_plan_version\x18\x02 \x01(\x04\x12\x1b\n\x13\x62\x61lancedness_before\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x04 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x08\"\x1d\n\x1bGetAutoscalingPolicyRequest\"\xd1\x01\n\x11\x41utoscalingPolicy\x12\x13\n\x0bmin_workers\x18\x01 \x01(\r\x12\x13\n\x0bmax_workers\x18\x02 \x01(\r\x12\x33\n+high_watermark_tokens_per_worker_per_second\x18\x03 \x01(\x01\x12\x32\n*low_watermark_tokens_per_worker_per_second\x18\x04 \x01(\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x65nabled\x18\x06 \x01(\x08*\x90\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x15\n\x11WORKER_STATE_DEAD\x10\x04\x32\xab\x03\n\x0c\x43lusterAdmin\x12H\n\x0cGetPlacement\x12 .moeserve.v1.GetPlacementRequest\x1a\x16.moeserve.v1.Placement\x12K\n\rGetExpertLoad\x12!.moeserve.v1.GetExpertLoadRequest\x1a\x17.moeserve.v1.ExpertLoad\x12J\n\tRebalance\x12\x1d.moeserve.v1.RebalanceRequest\x1a\x1e.moeserve.v1.RebalanceResponse\x12`\n\x14GetAutoscalingPolicy\x12(.moeserve.v1.GetAutoscalingPolicyRequest\x1a\x1e.moeserve.v1.AutoscalingPolicy\x12V\n\x14SetAutoscalingPolicy\x12\x1e.moeserve.v1.AutoscalingPolicy\x1a\x1e.moeserve.v1.AutoscalingPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoeserve/v1/cluster_admin.proto\x12\x0bmoeserve.v1\"\x15\n\x13GetPlacementRequest\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xa3\x01\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nactor_name\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.moeserve.v1.WorkerState\x12(\n\x08replicas\x18\x06 \x03(\x0b\x32\x16.moeserve.v1.ExpertRef\"X\n\x06Router\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\"m\n\tPlacement\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12$\n\x07workers\x18\x02 \x03(\x0b\x32\x13.moeserve.v1.Worker\x12$\n\x07routers\x18\x03 \x03(\x0b\x32\x13.moeserve.v1.Router\"\x16\n\x14GetExpertLoadRequest\"R\n\x0f\x45xpertLoadEntry\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08replicas\x18\x04 \x01(\r\"/\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\xa9\x01\n\nExpertLoad\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cplan_version\x18\x02 \x01(\x04\x12-\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1c.moeserve.v1.ExpertLoadEntry\x12(\n\x07workers\x18\x04 \x03(\x0b\x32\x17.moeserve.v1.WorkerLoad\x12\x14\n\x0c\x62\x61lancedness\x18\x05 \x01(\x01\"\"\n\x10RebalanceRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa6\x01\n\x11RebalanceResponse\x12\x18\n\x10old_plan_version\x18\x01 \x01(\x04\x12\x18\n\x10new_plan_version\x18\x02 \x01(\x04\x12\x1b\n\x13\x62\x61lancedness_before\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x04 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x08\"\x1d\n\x1bGetAutoscalingPolicyRequest\"\xd1\x01\n\x11\x41utoscalingPolicy\x12\x13\n\x0bmin_workers\x18\x01 \x01(\r\x12\x13\n\x0bmax_workers\x18\x02 \x01(\r\x12\x33\n+high_watermark_tokens_per_worker_per_second\x18\x03 \x01(\x01\x12\x32\n*low_watermark_tokens_per_worker_per_second\x18\x04 \x01(\x01\x12\x18\n\x10\x63ooldown_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x65nabled\x18\x06 \x01(\x08*\x90\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x15\n\x11WORKER_STATE_DEAD\x10\x04\x32\xab\x03\n\x0c\x43lusterAdmin\x12H\n\x0cGetPlacement\x12 .moeserve.v1.GetPlacementRequest\x1a\x16.moeserve.v1.Placement\x12K\n\rGetExpertLoad\x12!.moeserve.v1.GetExpertLoadRequest\x1a\x17.moeserve.v1.ExpertLoad\x12J\n\tRebalance\x12\x1d.moeserve.v1.RebalanceRequest\x1a\x1e.moeserve.v1.RebalanceResponse\x12`\n\x14GetAutoscalingPolicy\x12(.moeserve.v1.GetAutoscalingPolicyRequest\x1a\x1e.moeserve.v1.AutoscalingPolicy\x12V\n\x14SetAutoscalingPolicy\x12\x1e.moeserve.v1.AutoscalingPolicy\x1a\x1e.moeserve.v1.AutoscalingPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router_service.api.cluster_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1132
-  _globals['_WORKERSTATE']._serialized_end=1276
+  _globals['_WORKERSTATE']._serialized_start=1260
+  _globals['_WORKERSTATE']._serialized_end=1404
   _globals['_GETPLACEMENTREQUEST']._serialized_start=48
   _globals['_GETPLACEMENTREQUEST']._serialized_end=69
   _globals['_EXPERTREF']._serialized_start=71
   _globals['_EXPERTREF']._serialized_end=113
   _globals['_WORKER']._serialized_start=116
   _globals['_WORKER']._serialized_end=279
-  _globals['_PLACEMENT']._serialized_start=281
-  _globals['_PLACEMENT']._serialized_end=352
-  _globals['_GETEXPERTLOADREQUEST']._serialized_start=354
-  _globals['_GETEXPERTLOADREQUEST']._serialized_end=376
-  _globals['_EXPERTLOADENTRY']._serialized_start=378
-  _globals['_EXPERTLOADENTRY']._serialized_end=460
-  _globals['_WORKERLOAD']._serialized_start=462
-  _globals['_WORKERLOAD']._serialized_end=509
-  _globals['_EXPERTLOAD']._serialized_start=512
-  _globals['_EXPERTLOAD']._serialized_end=681
-  _globals['_REBALANCEREQUEST']._serialized_start=683
-  _globals['_REBALANCEREQUEST']._serialized_end=717
-  _globals['_REBALANCERESPONSE']._serialized_start=720
-  _globals['_REBALANCERESPONSE']._serialized_end=886
-  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_start=888
-  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_end=917
-  _globals['_AUTOSCALINGPOLICY']._serialized_start=920
-  _globals['_AUTOSCALINGPOLICY']._serialized_end=1129
-  _globals['_CLUSTERADMIN']._serialized_start=1279
-  _globals['_CLUSTERADMIN']._serialized_end=1706
+  _globals['_ROUTER']._serialized_start=281
+  _globals['_ROUTER']._serialized_end=369
+  _globals['_PLACEMENT']._serialized_start=371
+  _globals['_PLACEMENT']._serialized_end=480
+  _globals['_GETEXPERTLOADREQUEST']._serialized_start=482
+  _globals['_GETEXPERTLOADREQUEST']._serialized_end=504
+  _globals['_EXPERTLOADENTRY']._serialized_start=506
+  _globals['_EXPERTLOADENTRY']._serialized_end=588
+  _globals['_WORKERLOAD']._serialized_start=590
+  _globals['_WORKERLOAD']._serialized_end=637
+  _globals['_EXPERTLOAD']._serialized_start=640
+  _globals['_EXPERTLOAD']._serialized_end=809
+  _globals['_REBALANCEREQUEST']._serialized_start=811
+  _globals['_REBALANCEREQUEST']._serialized_end=845
+  _globals['_REBALANCERESPONSE']._serialized_start=848
+  _globals['_REBALANCERESPONSE']._serialized_end=1014
+  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_start=1016
+  _globals['_GETAUTOSCALINGPOLICYREQUEST']._serialized_end=1045
+  _globals['_AUTOSCALINGPOLICY']._serialized_start=1048
+  _globals['_AUTOSCALINGPOLICY']._serialized_end=1257
+  _globals['_CLUSTERADMIN']._serialized_start=1407
+  _globals['_CLUSTERADMIN']._serialized_end=1834
 # @@protoc_insertion_point(module_scope)

@@ -49,13 +49,27 @@ class Worker(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     def __init__(self, worker_id: _Optional[str] = ..., actor_name: _Optional[str] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
 
+class Router(_message.Message):
+    __slots__ = ("router_id", "node_id", "grpc_address", "http_address")
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    node_id: str
+    grpc_address: str
+    http_address: str
+    def __init__(self, router_id: _Optional[str] = ..., node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ...) -> None: ...
+
 class Placement(_message.Message):
-    __slots__ = ("plan_version", "workers")
+    __slots__ = ("plan_version", "workers", "routers")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     workers: _containers.RepeatedCompositeFieldContainer[Worker]
-    def __init__(self, plan_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
+    routers: _containers.RepeatedCompositeFieldContainer[Router]
+    def __init__(self, plan_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., routers: _Optional[_Iterable[_Union[Router, _Mapping]]] = ...) -> None: ...
 
 class GetExpertLoadRequest(_message.Message):
     __slots__ = ()
