@@ -1,8 +1,12 @@
 """Offline checks of deploy/: no Kubernetes, no Docker, no network.
 
 - The RayCluster validates against KubeRay's CRD schema once the API server's defaults are
-  filled in, and a broken one is rejected with a message that names the offending field.
+  filled in, and a broken one is rejected with a message that names the offending field; so does
+  the RayCluster with GCS fault tolerance (raycluster.yaml merged with gcs-ft-patch.yaml).
 - The commands the manifests and the Dockerfile run parse with our own CLI parser.
+- What runs where: the Ray resources that `--router-resource`/`--worker-resource` name are carried
+  by the right worker groups, in the form both the Ray autoscaler and `ray start` read; the
+  Services select the router pods and target ports those pods expose.
 - The Grafana dashboard uses only the metric names the project exports.
 
 kuberay_raycluster_schema.json (beside this file) is the openAPIV3Schema of KubeRay 1.7's
@@ -17,6 +21,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import re
 import shlex
 import shutil
@@ -203,6 +208,103 @@ def serve_invocation(rc: dict) -> list[str]:
     return calls[0]
 
 
+def serve_args(rc: dict):
+    return parse_cli(serve_invocation(rc))
+
+
+def group_container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+def custom_resources(group: dict) -> dict[str, int]:
+    """The Ray custom resources a group's pods carry, from rayStartParams `resources`.
+
+    Two programs read that string and both must get the same JSON object out of it:
+    - the Ray autoscaler (ray.autoscaler._private.kuberay, `_get_custom_resources`) drops its first and
+      last character and every backslash, then parses JSON whose values must be whole numbers; it is
+      how the autoscaler knows which group to grow for a pending request;
+    - `ray start`, which gets it as `--resources=<value>` after bash has evaluated KubeRay's generated
+      command (our containers run `eval "$KUBERAY_GEN_RAY_START_CMD"`).
+    """
+    raw = group.get("rayStartParams", {}).get("resources")
+    if raw is None:
+        return {}
+    assert len(raw) > 2 and raw[0] == raw[-1] == '"', f"resources {raw!r}: the autoscaler expects it in double quotes"
+    by_autoscaler = json.loads(raw[1:-1].replace("\\", ""))
+    assert isinstance(by_autoscaler, dict) and all(
+        isinstance(k, str) and type(v) is int for k, v in by_autoscaler.items()), f"resources {raw!r}"
+    if shutil.which("bash") is not None:
+        done = subprocess.run(["bash", "-c", 'eval "set -- --resources=$1"; printf %s "$1"', "bash", raw],
+                              capture_output=True, text=True, check=True)
+        flag = done.stdout
+        assert flag.startswith("--resources="), flag
+        assert json.loads(flag.removeprefix("--resources=")) == by_autoscaler, f"ray start would get {flag!r}"
+    return by_autoscaler
+
+
+def ray_cpus(group: dict) -> float:
+    """Ray CPUs of a group's pod: num-cpus, else (as KubeRay does) the container's CPU limit rounded up."""
+    params = group.get("rayStartParams", {})
+    if "num-cpus" in params:
+        return float(params["num-cpus"])
+    limit = str(group_container(group)["resources"]["limits"]["cpu"])
+    return float(math.ceil(float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)))
+
+
+def pod_labels(rc: dict, group: dict, node_type: str = "worker") -> dict[str, str]:
+    """The labels a pod of `group` has: its template's, plus those KubeRay adds to every Ray pod (KubeRay
+    keeps a template's own value of app.kubernetes.io/name)."""
+    kuberay = {"ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": node_type,
+               "ray.io/group": group.get("groupName", "headgroup"), "ray.io/is-ray-node": "yes",
+               "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    return {**kuberay, **group["template"]["metadata"].get("labels", {})}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def groups_selected(rc: dict, selector: dict[str, str]) -> list[str]:
+    """Names of the groups (head: 'head') whose pods `selector` matches."""
+    found = ["head"] if selects(selector, pod_labels(rc, rc["spec"]["headGroupSpec"], "head")) else []
+    return found + [g["groupName"] for g in rc["spec"]["workerGroupSpecs"] if selects(selector, pod_labels(rc, g))]
+
+
+def container_port(container: dict, target) -> int:
+    """The containerPort a Service's targetPort (a name or a number) reaches in `container`."""
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    if isinstance(target, int):
+        assert target in ports.values(), f"{container['name']} does not expose port {target}"
+        return target
+    assert target in ports, f"{container['name']} has no port named {target!r}; it has {sorted(ports)}"
+    return ports[target]
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, what `kubectl patch --type merge` applies: objects merge key by key,
+    null deletes, anything else (lists included) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+@pytest.fixture()
+def routers(raycluster) -> dict:
+    return worker_group(raycluster, "routers")
+
+
+@pytest.fixture()
+def gcs_ft_patch() -> dict:
+    (patch,) = load_docs(KUBERAY / "gcs-ft-patch.yaml")
+    return patch
+
+
 # --- RayCluster: schema --------------------------------------------------------------------
 
 def test_stored_schema_is_kuberay_raycluster(schema):
@@ -235,8 +337,8 @@ def test_api_server_defaults_fill_missing_replica_bounds(schema, raycluster):
 BROKEN = {
     # YAML reads an unquoted number as an int; rayStartParams are strings.
     "unquoted_ray_start_param": (
-        ('num-cpus: "8"', "num-cpus: 8"),
-        "spec.headGroupSpec.rayStartParams.num-cpus: 8 is not of type 'string'"),
+        ('num-cpus: "0"', "num-cpus: 0"),
+        "spec.headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'"),
     "missing_group_name": (
         ("- groupName: expert-workers", "- groupname: expert-workers"),
         "spec.workerGroupSpecs[0]: 'groupName' is a required property"),
@@ -245,7 +347,10 @@ BROKEN = {
         "spec.autoscalerOptions.version: 'v3' is not one of ['v1', 'v2']"),
     "port_as_string": (
         ("containerPort: 50051}", 'containerPort: "50051"}'),
-        "spec.headGroupSpec.template.spec.containers[0].ports[0].containerPort: '50051' is not of type 'integer'"),
+        "spec.workerGroupSpecs[1].template.spec.containers[0].ports[0].containerPort: '50051' is not of type 'integer'"),
+    "resources_as_a_map": (
+        ("""resources: '"{\\"moe_serve_router\\": 1}"'""", "resources: {moe_serve_router: 1}"),
+        "spec.workerGroupSpecs[1].rayStartParams.resources: {'moe_serve_router': 1} is not of type 'string'"),
 }
 
 
@@ -267,14 +372,24 @@ def test_ray_start_params_are_strings(raycluster):
 
 # --- RayCluster: what runs where ------------------------------------------------------------
 
-def test_head_exposes_grpc_as_a_named_container_port(raycluster):
+def test_head_exposes_only_rays_ports(raycluster):
     ports = head_container(raycluster)["ports"]
     by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
     assert len(by_name) == len(ports), "every head port needs a name for KubeRay's head Service to expose it"
-    assert by_name == {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000, "gcs-server": 6379, "dashboard": 8265,
-                       "client": 10001, "metrics": 8080}
-    args = parse_cli(serve_invocation(raycluster))
-    assert args.port == by_name[GRPC_PORT_NAME] and args.http_port == by_name[HTTP_PORT_NAME]
+    # No router listens on the head any more: its Service must not offer 50051/8000 to clients.
+    assert by_name == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+
+
+def test_router_pods_expose_the_ports_serve_binds(raycluster, routers):
+    ports = group_container(routers)["ports"]
+    by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
+    assert len(by_name) == len(ports), "the router Services target ports by name"
+    assert by_name == {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000, "metrics": 8080}
+    args = serve_args(raycluster)
+    # Each router binds --port/--http-port on its own pod (one router per pod: no counting up).
+    assert (args.port, args.http_port) == (by_name[GRPC_PORT_NAME], by_name[HTTP_PORT_NAME])
+    assert (args.routers or 1) == 1, "several routers per pod would bind ports the Services do not target"
+    assert args.host == "0.0.0.0", "routers must bind the pod's address, not loopback"
 
 
 def test_head_starts_ray_then_moe_serve_joining_it(raycluster):
@@ -340,20 +455,41 @@ def test_head_env_names_real_settings(raycluster, monkeypatch):
     assert settings.worker_num_gpus == 1, "workers must ask for a GPU before any GPU pod exists"
 
 
-def test_router_fits_only_on_the_head(raycluster, monkeypatch):
-    """An expert worker fills its GPU pod's Ray CPUs, so Ray can place the router only on the head,
-    the one pod behind the head Service."""
+def test_routers_run_on_the_router_group_only(raycluster, routers, monkeypatch):
+    """The controller starts routers on every node with --router-resource: exactly the `routers` pods."""
     settings = head_settings(raycluster, monkeypatch)
-    gpu_pod_cpus = float(worker_group(raycluster)["rayStartParams"]["num-cpus"])
-    head_cpus = float(raycluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"])
-    routers = parse_cli(serve_invocation(raycluster)).routers or 1
-    assert gpu_pod_cpus - settings.worker_num_cpus < settings.router_num_cpus, "a router would fit on a GPU pod"
-    assert head_cpus >= routers * settings.router_num_cpus, "the routers do not fit on the head"
+    resource = serve_args(raycluster).router_resource
+    assert resource, "without --router-resource the routers would run on the head, which no Service selects"
+    carriers = [g["groupName"] for g in raycluster["spec"]["workerGroupSpecs"] if resource in custom_resources(g)]
+    assert carriers == ["routers"], f"{resource} is carried by {carriers}"
+    assert custom_resources(routers)[resource] >= 1
+    assert resource not in custom_resources(raycluster["spec"]["headGroupSpec"])
+    routers_per_pod = serve_args(raycluster).routers or 1
+    assert ray_cpus(routers) >= routers_per_pod * settings.router_num_cpus, "a router pod cannot hold its routers"
 
 
-def test_expert_workers_are_reachable_from_the_head(raycluster, monkeypatch):
+def test_expert_workers_run_on_the_gpu_group_only(raycluster, monkeypatch):
+    args = serve_args(raycluster)
+    resource = args.worker_resource
+    assert resource, "without --worker-resource an expert worker could land on a router pod"
+    assert resource != args.router_resource
+    carriers = [g["groupName"] for g in raycluster["spec"]["workerGroupSpecs"] if resource in custom_resources(g)]
+    assert carriers == ["expert-workers"], f"{resource} is carried by {carriers}"
+    assert resource not in custom_resources(raycluster["spec"]["headGroupSpec"])
+    # One expert worker per GPU pod: it asks for the pod's Ray CPUs and its GPU.
     settings = head_settings(raycluster, monkeypatch)
-    # Router on the head, expert workers on GPU pods: a socket or collective data plane must bind the pod's IP.
+    assert ray_cpus(worker_group(raycluster)) == settings.worker_num_cpus
+
+
+def test_head_takes_no_ray_work(raycluster):
+    head = raycluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "the comment in raycluster.yaml says the head has no Ray CPUs"
+    assert custom_resources(head) == {}
+
+
+def test_expert_workers_are_reachable_from_the_routers(raycluster, monkeypatch):
+    settings = head_settings(raycluster, monkeypatch)
+    # Routers and expert workers on different pods: a socket or collective data plane must bind the pod's IP.
     assert settings.transport == "ray" or settings.data_plane_host == "node"
 
 
@@ -388,11 +524,213 @@ def test_every_ray_container_runs_the_same_image(raycluster):
     assert raycluster["spec"]["rayVersion"] == dockerfile_args()["RAY_VERSION"]
 
 
-def test_api_service_selects_the_head_grpc_and_http_ports(raycluster):
-    service = the_doc(KUBERAY / "service-api.yaml", "Service")
-    assert service["spec"]["selector"] == {"ray.io/cluster": raycluster["metadata"]["name"], "ray.io/node-type": "head"}
+# --- Router pods: drain, readiness, Services ---------------------------------------------------
+
+# Seconds `moe-serve drain-router` may take to join Ray (ray.init) before it asks for the drain.
+JOIN_SECONDS = 30.0
+
+
+def test_router_pods_drain_before_they_stop(raycluster, routers):
+    hook = group_container(routers)["lifecycle"]["preStop"]["exec"]["command"]
+    # An exec hook runs its argv as is: the image's ENTRYPOINT does not apply, so it names the program.
+    assert dockerfile_exec_form("ENTRYPOINT") == ["moe-serve"] and hook[0] == "moe-serve"
+    args = parse_cli(hook[1:])
+    assert args.command == "drain-router"
+    assert args.address == "auto", "the hook must join through this pod's raylet, so that it drains this node"
+
+
+def test_router_pods_outlive_their_drain(raycluster, routers, monkeypatch):
+    import cluster.serve
+
+    settings = head_settings(raycluster, monkeypatch)
+    hook = group_container(routers)["lifecycle"]["preStop"]["exec"]["command"]
+    grace = parse_cli(hook[1:]).grace_seconds
+    grace = settings.drain_grace_seconds if grace is None else grace
+    stop = getattr(cluster.serve, "STOP_TIMEOUT_SECONDS", 30.0)
+    period = routers["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert period >= JOIN_SECONDS + grace + stop, "Kubernetes would SIGKILL the router pod mid-drain"
+
+
+def test_router_readiness_follows_the_drain(routers):
+    """Ready while the router's HTTP /health says 200; it says 503 from the start of a drain."""
+    container = group_container(routers)
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/health"
+    assert container_port(container, probe["port"]) == 8000
+    assert container_port(container, probe["port"]) == container_port(container, HTTP_PORT_NAME)
+
+
+def test_router_group_size_is_held_by_min_replicas(raycluster, routers):
+    # Nothing asks the autoscaler for router pods (routers never wait for a node), so the group's size is
+    # whatever minReplicas says; replicas above it would be removed as soon as their routers retire.
+    assert routers["minReplicas"] == routers["replicas"] >= 2, "one router pod would be a single point of failure"
+    assert routers["maxReplicas"] >= routers["replicas"]
+    assert "nvidia.com/gpu" not in group_container(routers)["resources"]["limits"], "CPU router pods by default"
+
+
+ROUTER_SERVICES = {  # file -> Service name -> {targetPort: port}
+    "service-routers.yaml": {"moe-serve-routers": {GRPC_PORT_NAME: 50051},
+                             "moe-serve-http": {HTTP_PORT_NAME: 8000}},
+    "service-api.yaml": {"moe-serve-api": {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000}},
+}
+
+
+def router_service(name: str, file: str = "service-routers.yaml") -> dict:
+    (service,) = [d for d in load_docs(KUBERAY / file) if d["kind"] == "Service" and d["metadata"]["name"] == name]
+    return service
+
+
+@pytest.mark.parametrize("file, name", [(f, n) for f, names in ROUTER_SERVICES.items() for n in names])
+def test_service_selects_the_router_pods_and_their_ports(raycluster, routers, file, name):
+    service = router_service(name, file)
+    selector = service["spec"]["selector"]
+    selected = groups_selected(raycluster, selector)
+    assert selected == ["routers"], f"{name} selects {selected}"
     ports = {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}
-    assert ports == {GRPC_PORT_NAME: 50051, HTTP_PORT_NAME: 8000}
+    assert ports == ROUTER_SERVICES[file][name]
+    for target, port in ports.items():
+        assert container_port(group_container(routers), target) == port
+
+
+def test_grpc_service_is_headless(routers):
+    """Client-side balancing needs every router's own address from DNS, with the port it listens on."""
+    service = router_service("moe-serve-routers")
+    assert service["spec"]["clusterIP"] == "None"
+    assert not service["spec"].get("publishNotReadyAddresses", False), "draining routers must leave the DNS answer"
+    for port in service["spec"]["ports"]:
+        # A headless Service does no port mapping: clients dial <pod IP>:<port>.
+        assert container_port(group_container(routers), port["targetPort"]) == port["port"]
+
+
+def test_http_service_has_a_cluster_ip():
+    service = router_service("moe-serve-http")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP" and service["spec"].get("clusterIP") != "None"
+
+
+def test_documented_grpc_target_is_the_headless_service():
+    """deploy/README.md's Python client compiles, balances round-robin, and dials the headless Service."""
+    readme = (DEPLOY / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "deploy/README.md has no Python example"
+    service = next(d for d in load_docs(KUBERAY / "service-routers.yaml") if d["spec"].get("clusterIP") == "None")
+    (port,) = [p["port"] for p in service["spec"]["ports"]]
+    for code in blocks:
+        compile(code, "deploy/README.md", "exec")
+    example = next(b for b in blocks if "grpc.service_config" in b)
+    assert '"round_robin"' in example
+    targets = re.findall(r'"dns:///([\w.-]+):(\d+)"', example)
+    assert targets and all(host.split(".")[0] == service["metadata"]["name"] and int(p) == port
+                           for host, p in targets)
+
+
+def test_disruption_budget_covers_the_router_pods(raycluster):
+    budget = the_doc(KUBERAY / "service-routers.yaml", "PodDisruptionBudget")
+    assert groups_selected(raycluster, budget["spec"]["selector"]["matchLabels"]) == ["routers"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_documented_scaling_patch_names_the_router_group(raycluster):
+    """deploy/README.md's json-patch addresses the group by index; its `test` op must name the right one."""
+    readme = (DEPLOY / "README.md").read_text()
+    tests = re.findall(r'"op":\s*"test",\s*"path":\s*"/spec/workerGroupSpecs/(\d+)/groupName",\s*"value":\s*"([\w-]+)"',
+                       readme)
+    assert tests, "deploy/README.md shows no json-patch of a worker group"
+    groups = raycluster["spec"]["workerGroupSpecs"]
+    for index, name in tests:
+        assert groups[int(index)]["groupName"] == name
+    ops = re.findall(r'"path":\s*"/spec/workerGroupSpecs/(\d+)/(\w+)"', readme)
+    assert {field for _, field in ops} >= {"replicas", "minReplicas"}
+    assert {int(i) for i, _ in ops} == {int(i) for i, _ in tests}, "every patched index is guarded by a test op"
+
+
+# --- GCS fault tolerance: Redis and the patch ----------------------------------------------------
+
+def test_gcs_ft_patch_only_adds_gcs_fault_tolerance(gcs_ft_patch):
+    # A merge patch of the RayCluster: it must not carry apiVersion/kind/metadata (they would overwrite
+    # the manifest's) nor any list (a merge patch replaces lists whole).
+    assert set(gcs_ft_patch) == {"spec"} and set(gcs_ft_patch["spec"]) == {"gcsFaultToleranceOptions"}
+    options = gcs_ft_patch["spec"]["gcsFaultToleranceOptions"]
+    assert options.get("backend", "redis") == "redis"
+    assert options["redisAddress"]
+
+
+def test_raycluster_with_gcs_ft_validates_against_kuberay_schema(schema, raycluster, gcs_ft_patch):
+    patched = merge_patch(raycluster, gcs_ft_patch)
+    assert schema_errors(schema, patched) == []
+    assert patched["spec"]["workerGroupSpecs"] == raycluster["spec"]["workerGroupSpecs"]
+    assert patched["spec"]["gcsFaultToleranceOptions"] == gcs_ft_patch["spec"]["gcsFaultToleranceOptions"]
+
+
+def test_broken_gcs_ft_patch_is_rejected_naming_the_field(schema, raycluster, gcs_ft_patch):
+    broken = copy.deepcopy(gcs_ft_patch)
+    broken["spec"]["gcsFaultToleranceOptions"]["redisPassword"] = "in-the-clear"
+    assert ("spec.gcsFaultToleranceOptions.redisPassword: 'in-the-clear' is not of type 'object'"
+            in schema_errors(schema, merge_patch(raycluster, broken)))
+
+
+def test_raycluster_has_none_of_the_settings_kuberay_rejects_with_gcs_ft(raycluster):
+    """KubeRay's admission refuses gcsFaultToleranceOptions next to the older ways of configuring the same."""
+    annotations = raycluster["metadata"].get("annotations", {})
+    assert "ray.io/ft-enabled" not in annotations and "ray.io/external-storage-namespace" not in annotations
+    head = raycluster["spec"]["headGroupSpec"]
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+    assert not {"REDIS_PASSWORD", "REDIS_USERNAME", "RAY_REDIS_ADDRESS"} & set(env_of(head_container(raycluster)))
+
+
+def test_gcs_ft_patch_points_at_the_redis_manifest(gcs_ft_patch):
+    options = gcs_ft_patch["spec"]["gcsFaultToleranceOptions"]
+    host, _, port = options["redisAddress"].removeprefix("redis://").rpartition(":")
+    docs = load_docs(KUBERAY / "redis-gcs-ft.yaml")
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert host == service["metadata"]["name"], "the head resolves the Redis Service in its own namespace"
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+    ref = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+    pod = statefulset["spec"]["template"]
+    assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
+    assert selects(statefulset["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    (container,) = pod["spec"]["containers"]
+    assert container_port(container, service_port["targetPort"]) == 6379
+    # Redis reads its password from the same Secret.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": ref["name"], "key": ref["key"]}
+
+
+def test_redis_keeps_its_append_only_file_on_the_claim():
+    docs = load_docs(KUBERAY / "redis-gcs-ft.yaml")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["redis.conf"]
+    settings = dict(line.split(None, 1) for line in config.splitlines() if line.strip() and not line.startswith("#"))
+    assert settings["appendonly"] == "yes" and settings["maxmemory-policy"] == "noeviction"
+    assert "requirepass" not in settings, "the password comes from the Secret, not the ConfigMap"
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 1, "KubeRay needs one Redis (a single writer of the file)"
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[settings["dir"]] == claim["metadata"]["name"]
+    # The container's script: it refuses the placeholder password and runs the config it writes.
+    (script,) = container["args"]
+    assert container["command"] == ["sh", "-c"]
+    bash_syntax_ok(script)
+    placeholder = next(d for d in docs if d["kind"] == "Secret")["stringData"]["password"]
+    assert placeholder in script and "exec redis-server" in script
+
+
+def test_every_kuberay_manifest_parses():
+    files = sorted(KUBERAY.glob("*.yaml"))
+    assert {f.name for f in files} >= {"raycluster.yaml", "service-routers.yaml", "service-api.yaml",
+                                       "redis-gcs-ft.yaml", "gcs-ft-patch.yaml", "models-pvc.yaml"}
+    for path in files:
+        docs = load_docs(path)
+        assert docs, f"{path.name} is empty"
+        if path.name.endswith("-patch.yaml"):
+            continue  # a patch, not an object
+        for doc in docs:
+            assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: a document without apiVersion/kind"
+            assert doc.get("metadata", {}).get("name"), f"{path.name}: a {doc['kind']} without a name"
 
 
 def test_tiny_model_job_runs_make_model_on_the_claim():
