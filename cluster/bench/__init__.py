@@ -12,10 +12,11 @@ from cluster.bench import engine as engine_bench
 from cluster.bench import frontend as frontend_bench
 from cluster.bench import placement as placement_bench
 from cluster.bench import rebalance as rebalance_bench
+from cluster.bench import scaling as scaling_bench
 from cluster.bench import serving as serving_bench
 
 SUITES = {"engine": engine_bench, "serving": serving_bench, "frontend": frontend_bench,
-          "placement": placement_bench, "rebalance": rebalance_bench}
+          "placement": placement_bench, "rebalance": rebalance_bench, "scaling": scaling_bench}
 
 
 def add_bench_parser(sub) -> None:
