@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from cluster.settings import NAMESPACE, ClusterSettings
+from cluster.settings import CONTROLLER_NAME, NAMESPACE, ClusterSettings
 from router_service.security import SecurityConfigError, ServerSecurity
 
 log = logging.getLogger("moe-serve")
@@ -58,8 +58,6 @@ def drain_node_routers(args: argparse.Namespace) -> int:
     """`moe-serve drain-router`: the controller drains and retires every router on the node this runs on."""
     import ray
 
-    from cluster.settings import CONTROLLER_NAME
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
     try:
@@ -92,7 +90,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
-    controller, _ = start_cluster(settings)
+    try:
+        # A running controller: this Ray cluster outlived the process that started it (a head pod replaced
+        # under GCS fault tolerance runs this command again). Serve that cluster as it is, with its settings.
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        print("moe-serve: a cluster is already running in this Ray cluster; serving it (its own settings "
+              "apply, not this command's)", flush=True)
+    except ValueError:
+        controller, _ = start_cluster(settings)
     endpoints = ray.get(controller.endpoints.remote())
     targets = [f"{e['address']}:{e['grpc']}" for e in endpoints]
     scheme = "https" if security.tls else "http"
