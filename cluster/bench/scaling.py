@@ -344,14 +344,23 @@ class StandInRouter:
         return self.counts
 
 
+def stand_in_controller(plan: PlacementPlan, per_router: list[list[list[int]]], window_seconds: float = 60.0):
+    """Just enough of a Controller for its own load and expert_load methods, over stand-in routers."""
+    from cluster.controller import Controller
+
+    ctl = SimpleNamespace(router_handles={i: StandInRouter(c) for i, c in enumerate(per_router)}, plan=plan,
+                          settings=SimpleNamespace(load_window_seconds=window_seconds))
+    ctl._on_routers = lambda method, *args: Controller._on_routers(ctl, method, *args)
+    ctl.load = lambda seconds=None: Controller.load(ctl, seconds)
+    return ctl
+
+
 def controller_gather(plan: PlacementPlan, per_router: list[list[list[int]]], window_seconds: float = 60.0) -> dict:
     """Controller.load over stand-in routers (the telemetry gathering of every control-loop turn and re-plan)
     and Controller.expert_load (the admin ExpertLoad message), timed; sizes of what travels."""
     from cluster.controller import Controller
 
-    ctl = SimpleNamespace(routers=[StandInRouter(c) for c in per_router], plan=plan,
-                          settings=SimpleNamespace(load_window_seconds=window_seconds))
-    ctl.load = lambda seconds=None: Controller.load(ctl, seconds)
+    ctl = stand_in_controller(plan, per_router, window_seconds)
     began = time.perf_counter()
     load = asyncio.run(Controller.load(ctl))
     gather_s = time.perf_counter() - began

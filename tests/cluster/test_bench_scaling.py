@@ -93,12 +93,11 @@ def test_controller_gathers_every_routers_counts():
     out = scaling.controller_gather(initial_plan(spec, 4), per_router)
     assert out["load_gather_ms"] >= 0 and out["telemetry_reply_bytes"] > 0
 
-    from types import SimpleNamespace
     import asyncio
 
     from cluster.controller import Controller
 
-    ctl = SimpleNamespace(routers=[scaling.StandInRouter(c) for c in per_router], plan=initial_plan(spec, 4))
+    ctl = scaling.stand_in_controller(initial_plan(spec, 4), per_router)
     assert asyncio.run(Controller.load(ctl)) == load
 
 
