@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -265,10 +266,15 @@ def test_cli_status_and_generate(target, reference):
     script = shutil.which("moe-serve")
     cli = [script] if script else [sys.executable, "-m", "cluster.cli"]
     ids = PROMPTS[2]
+    # A router that is down comes first: both commands must fail over to the live one.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+    targets = f"{down},{target}"
     # Both at once: each spends most of its time importing.
-    status = subprocess.Popen([*cli, "status", "--target", target], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    status = subprocess.Popen([*cli, "status", "--target", targets], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
-    generate = subprocess.Popen([*cli, "generate", "--target", target, "--json", "--prompt-ids",
+    generate = subprocess.Popen([*cli, "generate", "--target", targets, "--json", "--prompt-ids",
                                  ",".join(map(str, ids)), "--max-tokens", "6", "--ignore-eos"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     status_out, status_err = status.communicate(timeout=120)
@@ -278,7 +284,10 @@ def test_cli_status_and_generate(target, reference):
     for i in range(NUM_WORKERS):
         assert f"expert-worker-{i}" in status_out
     assert "READY" in status_out
+    assert "router-0  " in status_out and target.split(":")[1] in status_out  # the routers and their addresses
+    assert f"{down}: UNAVAILABLE" in status_err and f"trying {target}" in status_err
     assert generate.returncode == 0, generate_err
+    assert f"trying {target}" in generate_err
     [line] = generate_out.strip().splitlines()
     record = json.loads(line)
     expected = reference.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
