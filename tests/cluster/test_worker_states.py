@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from cluster.controller import Controller
+from cluster.controller import Controller, RouterEntry
 from cluster.planner import round_robin_plan, worker_name
 from cluster.settings import ClusterSettings
 from router_service.api import cluster_admin_pb2 as admin_pb2
@@ -58,3 +58,16 @@ def test_a_plan_change_reason_is_a_plan_change_reason():
         asyncio.run(controller.rebalance("bench: skewed load"))
     with pytest.raises(ValueError, match="num_workers"):
         asyncio.run(controller.rebalance("manual", num_workers=0))
+
+
+def test_routers_on_one_address_count_ports_up_and_each_node_starts_from_the_base():
+    """Routers on different nodes listen on the same ports (one Service port on Kubernetes); routers that share an
+    address (several per node, or several Ray nodes on one machine) count up from them, past ports in use."""
+    controller = Controller(ClusterSettings(model="unused", port=50051, http_port=8000).model_dump())
+    a = RouterEntry(0, "node-a", "10.0.0.1", 50051, 8000)
+    assert controller._router_ports("10.0.0.2", [a]) == (50051, 8000)
+    assert controller._router_ports("10.0.0.1", [a]) == (50052, 8001)
+    c = RouterEntry(2, "node-a", "10.0.0.1", 50053, 8002)  # router 1 (50052) was dropped: its ports are free again
+    assert controller._router_ports("10.0.0.1", [a, c]) == (50052, 8001)
+    free = Controller(ClusterSettings(model="unused", port=0, http_port=None).model_dump())
+    assert free._router_ports("10.0.0.1", [a]) == (0, None)  # 0: each router picks a free port; HTTP off
