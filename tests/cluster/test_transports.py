@@ -84,10 +84,16 @@ def live_and_dead_worker(ray_session, tiny_model):
     workers = [cls.options(num_cpus=0).remote(w, tiny_model, {layer: [0, 1]}, "float32") for w in (0, 1)]
     ray.get([w.info.remote() for w in workers], timeout=120)
     ray.kill(workers[1])
-    # ray.kill only asks: until the actor is gone it may still answer (and hand out an endpoint), so wait for
-    # its death to be visible to callers before the test connects.
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(workers[1].info.remote(), timeout=60)
+    # ray.kill only asks: until the actor is gone it may still answer (and hand out an endpoint), even a call
+    # made after the kill, so ask until its death is visible to callers before the test connects.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(workers[1].info.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed worker still answers after 60 s"
+        time.sleep(0.2)
     yield layer, *workers
     ray.kill(workers[0])
 
