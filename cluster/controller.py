@@ -710,18 +710,24 @@ class Controller:
                         worker_id, new_id, len(lost.replicas), record["seconds"], new.version)
 
     async def _check_fleet(self) -> None:
-        """Liveness: replace workers that died while idle; routers follow their nodes (_check_routers)."""
-        for wid, handle in list(self.workers.items()):
-            if wid in self._replacing:
-                continue
-            try:
-                await asyncio.wait_for(handle.stats.remote(), 10)
-            except Exception:
-                # Replaced in a task of its own: the replacement waits for any plan change under way, and
-                # the rest of this loop's work (routers, the next evaluation) must not wait with it.
-                task = asyncio.get_running_loop().create_task(self.worker_failed(wid))
-                self._replacing[wid] = task
-                task.add_done_callback(functools.partial(self._replaced, wid))
+        """Liveness: replace workers that died while idle, and workers of the plan with no live actor (a
+        replacement that failed to start, say because Ray placed it on a node that was dying, is tried again
+        here); routers follow their nodes (_check_routers)."""
+        for w in self.plan.workers:
+            wid = w.worker_id
+            if wid in self._replacing or self._plan_lock.locked() and wid not in self.workers:
+                continue  # being replaced (by this loop, or by a router's report under the lock)
+            if (handle := self.workers.get(wid)) is not None:
+                try:
+                    await asyncio.wait_for(handle.stats.remote(), 10)
+                    continue
+                except Exception:
+                    pass
+            # Replaced in a task of its own: the replacement waits for any plan change under way, and the
+            # rest of this loop's work (routers, the next evaluation) must not wait with it.
+            task = asyncio.get_running_loop().create_task(self.worker_failed(wid))
+            self._replacing[wid] = task
+            task.add_done_callback(functools.partial(self._replaced, wid))
         await self._check_routers()
 
     def _replaced(self, worker_id: int, task: asyncio.Task) -> None:
