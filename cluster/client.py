@@ -26,6 +26,7 @@ from router_service.api import cluster_admin_pb2 as admin_pb2
 from router_service.api import cluster_admin_pb2_grpc as admin_grpc
 from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
+from router_service.errors import CONTROLLER_UNAVAILABLE_METADATA
 from router_service.security import SecurityConfigError, client_channel
 
 TOKEN_ENV = "MOE_SERVE_TOKEN"
@@ -92,8 +93,10 @@ def with_failover(args, call, start: int = 0):
 
 
 def unanswered(target: str, err: grpc.RpcError) -> grpc.RpcError | Unanswered:
-    """`err` as Unanswered when the router never took the call (worth another target), else `err` itself."""
-    return Unanswered(target, err) if err.code() == grpc.StatusCode.UNAVAILABLE else err
+    """`err` as Unanswered when the router never took the call (worth another target), else `err` itself. An
+    UNAVAILABLE the controller caused is the same on every router: not worth another."""
+    from_controller = CONTROLLER_UNAVAILABLE_METADATA in tuple(err.trailing_metadata() or ())
+    return Unanswered(target, err) if err.code() == grpc.StatusCode.UNAVAILABLE and not from_controller else err
 
 
 def wait_until_serving(target: str, timeout: float = 60.0, tls_ca: str | None = None) -> None:

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import pickle
 import re
 import threading
@@ -43,15 +44,15 @@ from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.autoscaler import AutoscalingPolicy, PlanChangeReason, ScalingState, desired_workers, routed_tokens
-from cluster.planner import (WORKER_PREFIX, PlannerInput, balancedness, expert_groups, initial_plan, plan_change,
-                             worker_load, worker_name)
+from cluster.planner import (WORKER_PREFIX, PlanChange, PlannerInput, balancedness, expert_groups, initial_plan,
+                             plan_change, worker_load, worker_name)
 from cluster.planner import plan as make_plan
 from cluster.process_env import actor_runtime_env
 from cluster.settings import CONTROLLER_NAME, NAMESPACE, ROUTER_PREFIX, ClusterSettings, router_name
 from expert_workers.spec import load_spec
 from expert_workers.worker import ExpertWorker
 from router_service.api import cluster_admin_pb2 as admin_pb2
-from router_service.errors import InvalidRequest
+from router_service.errors import ControllerUnavailable, InvalidRequest
 from router_service.metrics import ControllerMetrics
 from router_service.placement import PlacementPlan, WorkerPlacement, by_layer
 from router_service.router import Router
@@ -155,6 +156,14 @@ def cluster_actor_names() -> list[str]:
                                                 or a["name"].startswith((ROUTER_PREFIX, WORKER_PREFIX)))]
 
 
+def _actor_or_none(name: str) -> ray.actor.ActorHandle | None:
+    """The live actor of that name in NAMESPACE, or None (it died, or its node went)."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def _actor_id(name: str, prefix: str) -> int | None:
     tail = name.removeprefix(prefix)
     return int(tail) if name.startswith(prefix) and tail.isdigit() else None
@@ -183,8 +192,9 @@ class Controller:
         self.starting: dict[int, WorkerPlacement] = {}
         self.plan_deadline_seconds = self.settings.plan_deadline_seconds or self.settings.load_window_seconds
         # Test instrumentation (see hold): "plan" is passed on the planner's thread just before it plans,
-        # "switch" on the event loop once a plan change's workers hold their replicas, before routers switch.
-        self.pauses = {"plan": PausePoint(), "switch": PausePoint()}
+        # "switch" on the event loop once a plan change's workers hold their replicas, before routers switch;
+        # "recorded" just after its new plan is written to the KV store (_record), before routers switch.
+        self.pauses = {"plan": PausePoint(), "switch": PausePoint(), "recorded": PausePoint()}
         # Control-loop turns, and those skipped because a plan change held _plan_lock (control_stats).
         self.evaluations = 0
         self.evaluations_skipped = 0
@@ -199,11 +209,15 @@ class Controller:
         # Set once start() or recover() has the plan and the fleet; calls that need them wait for it.
         self._ready = asyncio.Event()
         self.recovered_seconds: float | None = None  # how long the last recovery took (control_stats)
+        # The plan a change under way has written to the KV store ahead of the routers' switch (None between
+        # changes): every _persist writes it, not the plan in force, until the change commits or rolls back.
+        self._recorded: PlacementPlan | None = None
+        self._unrecoverable: str | None = None  # why recover gave up; _until_ready raises it at once
         context = ray.get_runtime_context() if ray.is_initialized() else None  # None: a test of the body
         if context and context.get_actor_id() is not None and context.was_current_actor_reconstructed:
             # Ray restarted this actor after its process died: recover runs as this actor's first call, once
             # the constructor has returned. Workers and routers are detached, so they lived on meanwhile.
-            self._recovery = context.current_actor.recover.remote()
+            self._recovery = context.current_actor.recover_or_exit.remote()
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -361,9 +375,22 @@ class Controller:
                 stats = await asyncio.wait_for(handle.stats.remote(), 10)
             except Exception:  # restarting: try again next round
                 continue
-            if not stats["started"] and not stats.get("drained"):
-                log.warning("%s was restarted by Ray; starting it on port %d", entry.name, entry.grpc_port)
-                await handle.start.remote(self.plan, entry.grpc_port, entry.http_port)
+            restarted = not stats["started"] and not stats.get("drained")
+            stale = stats["started"] and stats["plan_version"] != self.plan.version
+            if not (restarted or stale) or self._plan_lock.locked():
+                continue  # fine, or a plan change is under way: it switches the router, or the next turn fixes it
+            async with self._plan_lock:  # so that no switch happens between reading self.plan and the router's use
+                try:
+                    if restarted:
+                        log.warning("%s was restarted by Ray; starting it on port %d", entry.name, entry.grpc_port)
+                        await asyncio.wait_for(handle.start.remote(self.plan, entry.grpc_port, entry.http_port),
+                                               self.settings.start_timeout_seconds)
+                    elif stats["plan_version"] != self.plan.version:  # it missed a switch (timed out, say)
+                        log.warning("%s is on plan v%d, not v%d: switching it", entry.name, stats["plan_version"],
+                                    self.plan.version)
+                        await asyncio.wait_for(handle.set_plan.remote(self.plan), 60)
+                except Exception as err:  # next turn tries again; the other routers are not held up
+                    log.warning("%s: could not bring it to plan v%d: %s", entry.name, self.plan.version, err)
         covered = {e.node_id for e in self.routers.values()}
         joined = {n: ip for n, ip in self._router_nodes().items() if n not in covered}
         if joined and not self._plan_lock.locked():
@@ -410,10 +437,10 @@ class Controller:
 
     # --- recovery ----------------------------------------------------------------------------
 
-    def _persist(self, plan: PlacementPlan | None = None) -> None:
-        """Write what a restarted controller needs (ControllerState) to Ray's KV store; `plan` overrides the
-        plan in force (a plan change records its new plan before any router switches to it)."""
-        plan = plan or self.plan
+    def _persist(self) -> None:
+        """Write what a restarted controller needs (ControllerState) to Ray's KV store: the plan recorded by a
+        change under way (_record), else the plan in force."""
+        plan = self._recorded or self.plan
         if plan is None:
             return
         state = ControllerState(plan, self._next_worker_id, self._next_router_id, tuple(self.routers.values()),
@@ -421,8 +448,29 @@ class Controller:
                                 tuple(self.events[-EVENTS_KEPT:]))
         internal_kv._internal_kv_put(STATE_KEY, pickle.dumps(state), overwrite=True, namespace=NAMESPACE)
 
+    def _record(self, new: PlacementPlan) -> None:
+        """Write `new` as the plan to recover before any router switches to it: a controller that dies from here
+        on switches every router to it when it recovers. Holds until _commit or _roll_back."""
+        self._recorded = new
+        self._persist()
+
+    def _commit(self, new: PlacementPlan) -> None:
+        self.plan, self._recorded = new, None
+        self._persist()
+
     async def _until_ready(self, timeout: float = 120.0) -> None:
+        if self._unrecoverable:
+            raise ControllerUnavailable(self._unrecoverable)
         await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def recover_or_exit(self) -> dict:
+        """recover, or, if it fails, end this process so that Ray restarts the controller and recovery is tried
+        afresh (a controller that is up but never ready would answer nothing for ever)."""
+        try:
+            return await self.recover()
+        except Exception:
+            log.exception("recovery after a restart failed: exiting so that Ray restarts the controller")
+            os._exit(1)
 
     async def recover(self) -> dict:
         """After Ray restarted this actor: read the state back, find the live workers and routers again (they
@@ -434,7 +482,8 @@ class Controller:
         began = time.monotonic()
         raw = internal_kv._internal_kv_get(STATE_KEY, namespace=NAMESPACE)
         if raw is None:
-            log.error("controller restarted with no saved state (it died while starting): nothing to recover")
+            self._unrecoverable = "the controller restarted with no saved state (it died while starting the cluster)"
+            log.error("%s: nothing to recover", self._unrecoverable)
             return {"recovered": False}
         state: ControllerState = pickle.loads(raw)
         self._configure()
@@ -447,33 +496,53 @@ class Controller:
         self._next_worker_id = max([state.next_worker_id, *(i + 1 for i in worker_ids)])
         self._next_router_id = max([state.next_router_id, *(i + 1 for i in router_ids)])
         in_plan = {w.worker_id: w for w in self.plan.workers}
+        # Workers the plan does not name stay until every router is on the plan: a router still on the plan
+        # before it may be sending them tokens (a change cut short after recording its plan drains them).
+        strays = []
         for wid in worker_ids:
-            handle = ray.get_actor(worker_name(wid), namespace=NAMESPACE)
+            handle = _actor_or_none(worker_name(wid))
+            if handle is None:
+                continue  # died since it was listed: the control loop's first turn replaces a plan worker
             if wid in in_plan:
                 self.workers[wid] = handle
-            else:  # started by a change that was never recorded
-                ray.kill(handle, no_restart=True)
+            else:
+                strays.append(handle)
         infos = await asyncio.gather(*[asyncio.wait_for(h.info.remote(), 30) for h in self.workers.values()],
                                      return_exceptions=True)
-        fixes = []
+        loads, unloads = [], []
         for wid, info in zip(list(self.workers), infos):
             if isinstance(info, BaseException):
                 continue  # dead or dying: the control loop's first turn replaces it
             self.worker_info[wid] = info
             hosted = {(int(layer), e) for layer, experts in info["hosted"].items() for e in experts}
             wanted = set(in_plan[wid].replicas)
-            if extra := hosted - wanted:
-                fixes.append(self.workers[wid].unload_replicas.remote(by_layer(sorted(extra))))
             if missing := wanted - hosted:
-                fixes.append(self.workers[wid].load_replicas.remote(by_layer(sorted(missing))))
+                loads.append(self.workers[wid].load_replicas.remote(by_layer(sorted(missing))))
+            if extra := hosted - wanted:
+                unloads.append((self.workers[wid], by_layer(sorted(extra))))
+        known = {entry.router_id for entry in state.routers}
+        for rid in router_ids:
+            if rid not in known and (handle := _actor_or_none(router_name(rid))) is not None:
+                ray.kill(handle, no_restart=True)  # started by a _start_routers the state never recorded
         for entry in state.routers:
-            try:
-                self.router_handles[entry.router_id] = ray.get_actor(entry.name, namespace=NAMESPACE)
-                self.routers[entry.router_id] = entry
-            except ValueError:  # gone with its node: _check_routers starts a new one where routers belong
-                pass
-        await asyncio.gather(*fixes, return_exceptions=True)
-        await self._on_routers("set_plan", self.plan)  # a no-op for a router already on it
+            if (handle := _actor_or_none(entry.name)) is None:
+                continue  # gone with its node: _check_routers starts a new one where routers belong
+            if entry.node_id in self.retired_nodes:
+                ray.kill(handle, no_restart=True)  # its retirement was under way
+                continue
+            self.router_handles[entry.router_id] = handle
+            self.routers[entry.router_id] = entry
+        # 1. the plan's replicas where it puts them; 2. every router on it (a no-op for one already there);
+        # 3. only then what no router uses any more: replicas it dropped, workers it drained.
+        await asyncio.gather(*loads, return_exceptions=True)
+        acks = await self._on_routers("set_plan", self.plan)
+        for rid, ack in acks.items():
+            if isinstance(ack, BaseException):
+                log.warning("%s did not switch to plan v%d on recovery (%s): _check_routers retries",
+                            self.routers[rid].name, self.plan.version, ack)
+        await asyncio.gather(*[h.unload_replicas.remote(r) for h, r in unloads], return_exceptions=True)
+        for handle in strays:
+            ray.kill(handle, no_restart=True)
         self._persist()
         self.metrics.plan(self.plan)
         self.recovered_seconds = time.monotonic() - began
@@ -514,6 +583,7 @@ class Controller:
                              f"{[r.value for r in PlanChangeReason]} (free text goes in detail)") from None
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        await self._until_ready()
         async with self._plan_lock:
             try:
                 return await self._change_plan(reason, detail, num_workers)
@@ -535,7 +605,9 @@ class Controller:
             load=load, num_workers=target, slots_per_worker=max(self.slots_per_worker, math.ceil(
                 len(self.spec.logical_experts) / target)),
             expert_bytes=self.expert_bytes, current=old, migration_weight=self.settings.migration_weight,
-            drain=drain, groups=expert_groups(self.spec)))
+            drain=drain, groups=expert_groups(self.spec),
+            # Each worker's Ray node, so that a hot expert's replicas do not all die with one node.
+            domains={wid: info["node_id"] for wid, info in self.worker_info.items() if info.get("node_id")}))
         planning = time.monotonic() - began
         new = self._with_fresh_ids(old, new)
         record = {"reason": reason.value, "detail": detail, "old_version": old.version,
@@ -583,18 +655,20 @@ class Controller:
             mark = time.perf_counter()  # a held pause is a test's, not the rollout's
             # 3. every router switches at a step boundary and acknowledges. The new plan is recorded first: a
             # controller that dies from here on switches every router to it when it recovers.
-            self._persist(new)
+            self._record(new)
+            await self.pauses["recorded"].wait_async()
             acks = await self._on_routers("set_plan", new)
             self._raise_unless_switched(acks, new)
             lap("switch")
-        except BaseException:  # the rollout failed: the old plan stays, and so do its workers
+        except BaseException:  # the rollout failed: the old placement stays, and so do its workers
             for wid in leaving:
                 self.worker_states.pop(wid, None)
+            await self._roll_back(old, new, change, fresh)
             raise
         finally:
             for w in fresh:
                 self.starting.pop(w.worker_id, None)
-        self.plan = new
+        self._commit(new)
         self.events.append(record)
         # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
         await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
@@ -614,6 +688,32 @@ class Controller:
                  len(new.workers), record["balancedness_before"], record["balancedness_after"],
                  record["bytes_moved"], record["seconds"], planning)
         return record
+
+    async def _roll_back(self, old: PlacementPlan, new: PlacementPlan, change: PlanChange,
+                         fresh: list[WorkerPlacement]) -> None:
+        """Undo a plan change that failed part way. Once `new` was recorded, some routers may be on it: all go
+        back to `old`'s placement under a version past `new`'s (versions never go backwards, and `new`'s number
+        stays `new`'s), recorded as the plan in force. Then the replicas the change loaded are unloaded and the
+        workers it started are stopped; a router that did not switch back is brought to the plan in force by
+        _check_routers."""
+        if self._recorded is not None:
+            back = dataclasses.replace(old, version=new.version + 1)
+            self._recorded = back
+            acks = await self._on_routers("set_plan", back)
+            self._commit(back)
+            self.metrics.plan(back)
+            failed = [self.routers[rid].name for rid, ack in acks.items()
+                      if isinstance(ack, BaseException) and rid in self.routers]
+            log.warning("plan v%d rolled back to v%d (v%d's placement)%s", new.version, back.version, old.version,
+                        f"; {', '.join(failed)} did not switch back yet" if failed else "")
+        started = {w.worker_id for w in fresh}
+        await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(added))
+                               for wid, added in change.added.items() if wid not in started and wid in self.workers],
+                             return_exceptions=True)
+        for wid in started:
+            if (handle := self.workers.pop(wid, None)) is not None:
+                ray.kill(handle, no_restart=True)  # detached: nothing else would stop it
+            self.worker_info.pop(wid, None)
 
     def _with_fresh_ids(self, old: PlacementPlan, new: PlacementPlan) -> PlacementPlan:
         """`new` with every worker that `old` lacks under an id never used before. The planner numbers new
@@ -635,8 +735,8 @@ class Controller:
         replicas must stay. A router whose node has left is dropped by _check_routers, not waited for."""
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for rid, ack in acks.items():
-            entry = self.routers[rid]
-            if isinstance(ack, BaseException) and entry.node_id in alive:
+            entry = self.routers.get(rid)  # None: dropped by _check_routers meanwhile (its node went)
+            if isinstance(ack, BaseException) and entry is not None and entry.node_id in alive:
                 raise RuntimeError(f"{entry.name} did not switch to plan v{new.version}: {ack}") from ack
 
     def _compute_plan(self, inp: PlannerInput) -> PlacementPlan:
@@ -644,7 +744,7 @@ class Controller:
         self.pauses["plan"].wait()
         return make_plan(self.settings.placement_policy, inp)
 
-    # Instrumentation for tests: hold a pause point ("plan" or "switch", see __init__), see the controller
+    # Instrumentation for tests: hold a pause point ("plan", "switch" or "recorded", see __init__), see the controller
     # parked there, release it. They only touch threading.Events, so any thread may run them.
     def hold(self, point: str) -> None:
         self._pause(point).hold()
@@ -664,7 +764,7 @@ class Controller:
         """Control-loop turns so far, how many skipped because a plan change was under way, and how long the
         last recovery after a restart took (None: never restarted)."""
         return {"evaluations": self.evaluations, "evaluations_skipped": self.evaluations_skipped,
-                "recovered_seconds": self.recovered_seconds, "pid": __import__("os").getpid()}
+                "recovered_seconds": self.recovered_seconds, "pid": os.getpid()}
 
     async def worker_failed(self, worker_id: int) -> None:
         """A router saw `worker_id` fail: replace it with a new worker hosting the same replicas.
@@ -691,11 +791,12 @@ class Controller:
             try:
                 await self._start_workers([replacement])
                 await self.pauses["switch"].wait_async()
-                self._persist(new)
-                await self._on_routers("set_plan", new)  # a router that fails here is restarted on `plan`
+                self._record(new)
+                # A router that fails to switch here is brought to the plan in force by _check_routers.
+                await self._on_routers("set_plan", new)
             finally:
                 self.starting.pop(new_id, None)
-            self.plan = new
+            self._commit(new)
             self.worker_states.pop(worker_id, None)
             reason = PlanChangeReason.WORKER_FAILURE
             record = {"reason": reason.value, "detail": f"worker {worker_id} failed", "old_version": old.version,

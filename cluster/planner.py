@@ -33,6 +33,9 @@ Policies (PLANNERS) take a PlannerInput and return a plan:
   eplb             the published EPLB policy, planned from scratch (ignores weight movement).
   migration_aware  ours: starts from the current plan and trades balancedness against bytes moved,
                    with EPLB's per-layer maxima as targets (see migration_aware_plan).
+`plan` runs one, then, when PlannerInput.domains says which node each worker is on, spread_over_domains:
+a replicated logical expert whose replicas all sit on one node gets one moved to another node, so that
+losing a node leaves every replicated expert a copy (see there for the price in balancedness).
 """
 
 from __future__ import annotations
@@ -176,6 +179,10 @@ class PlannerInput:
     # groups (the planners then behave exactly as without this field).
     groups: int | None = None
     group_weight: float = DEFAULT_GROUP_WEIGHT  # J paid per extra worker a group spans, per logical expert
+    # Worker id -> its failure domain (the controller passes each worker's Ray node id). With it, `plan`
+    # spreads the replicas of every replicated logical expert over at least two domains (spread_over_domains);
+    # a worker it does not name (one the new plan starts) counts as a domain of its own. None = no spreading.
+    domains: Mapping[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -907,6 +914,123 @@ def _nonzero(M: np.ndarray) -> tuple[np.ndarray, ...]:
     return np.unravel_index(np.flatnonzero(M), M.shape)
 
 
+# --- failure domains ------------------------------------------------------------------------------
+# A failure domain is what one fault takes down at once: a Ray node (a host, a pod). Replicas exist for
+# load, but they are also the only thing that lets a request survive the loss of its expert's worker
+# (dispatch fails over to another replica), so a replicated expert should not have all its copies on one
+# node. Logical experts with a single replica cannot be protected this way; the controller re-creates them.
+
+
+def _domain_codes(worker_ids: list[int], domains: Mapping[int, str]) -> np.ndarray:
+    """[W] small ints, one per distinct domain; a worker `domains` does not name gets a domain of its own."""
+    names = [domains.get(wid, ("own", wid)) for wid in worker_ids]
+    codes = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    return np.array([codes[n] for n in names], dtype=np.int64)
+
+
+def _one_domain(H: np.ndarray, dom: np.ndarray) -> np.ndarray:
+    """[L, E] replicated logical experts whose replicas all sit in one domain (False everywhere when the
+    workers span a single domain: there is nowhere else to go)."""
+    if np.unique(dom).size < 2:
+        return np.zeros(H.shape[:2], dtype=bool)
+    spans = sum(H[:, :, dom == d].any(2).astype(np.int64) for d in np.unique(dom))  # [L, E] domains hosting it
+    return (H.sum(2) >= 2) & (spans == 1)
+
+
+def experts_on_one_domain(plan: PlacementPlan, domains: Mapping[int, str]) -> list[Logical]:
+    """Replicated logical experts that one domain's loss would leave without a copy."""
+    ids = [w.worker_id for w in plan.workers]
+    H = _hosts(plan, ids)
+    return [(plan.moe_layers[l], int(e)) for l, e in zip(*np.nonzero(_one_domain(H, _domain_codes(ids, domains))))]
+
+
+def spread_over_domains(new: PlacementPlan, inp: PlannerInput) -> PlacementPlan:
+    """`new` (a policy's plan for `inp`) with every replicated logical expert on at least two domains where a
+    move can do it; the current plan when the result is the current plan again.
+
+    For each logical expert whose replicas share one domain, heaviest first, one of its replicas goes to a
+    worker of another domain: into a free slot, or traded for a replica of any logical expert on that worker
+    that the source does not host and that is not left on one domain by the trade. Replica counts never
+    change, so each replica's tokens stay load / replicas and every layer's mean tokens per worker stays
+    put: balancedness (sum of means / sum of maxima) falls exactly as much as the moves raise the sum of the
+    layers' maxima. The move that raises it least wins, then the one loading fewer replicas the current
+    plan does not already hold (bytes moved). `moe-serve bench scaling` reports the price at DeepSeek-V3's
+    shape. An expert with no such move (every worker elsewhere full of replicas it cannot trade) stays."""
+    assert inp.domains is not None
+    p = _Problem.of(inp)
+    H = _hosts(new, p.worker_ids)  # [L, E, W]
+    dom = _domain_codes(p.worker_ids, inp.domains)  # [W]
+    todo = _one_domain(H, dom)
+    if not todo.any():
+        return new
+    L, E, W = H.shape
+    count = H.sum(2)  # [L, E] replicas per logical expert: no move below changes it
+    t = p.load / np.maximum(count, 1)  # [L, E] tokens per replica
+    wl = np.einsum("lew,le->lw", H, t)  # [L, W] tokens per worker
+    used = H.sum((0, 1))  # [W] slots taken
+    fresh = ~p.orig  # [L, E, W] a replica placed there must be loaded (bytes moved)
+    D = np.stack([H[:, :, dom == d].sum(2) for d in range(int(dom.max()) + 1)], 2)  # [L, E, domains]
+    for l, e in np.argwhere(todo)[np.argsort(-t[todo], kind="stable")]:
+        if (D[l, e] > 0).sum() > 1:
+            continue  # an earlier trade already spread it
+        peak = wl.max(1)  # [L]
+        top = np.argsort(-wl, 1, kind="stable")[:, :3]  # [L, <=3] the busiest workers of each layer
+
+        def rest(layers, w, ds):  # max tokens in each layer over the workers other than w and ds
+            out = np.full(np.broadcast(layers, ds).shape, -np.inf)
+            for r in range(top.shape[1] - 1, -1, -1):
+                i = top[layers, r]
+                out = np.where((i != w) & (i != ds), wl[layers, i], out)
+            return out
+
+        best = None  # (rise of the sum of layer maxima, replicas loaded, source, destination, (layer, expert) or None)
+        # Trades within layer l first; with every layer only when none there keeps the maxima (a cross-layer
+        # trade is rarely needed and costs a scan of the whole plan per source).
+        for wide in (False, True):
+            if wide and best is not None and best[0] <= 0:
+                break
+            for w in np.flatnonzero(H[l, e]):
+                dests = np.flatnonzero((dom != dom[w]) & ~H[l, e])
+                free = dests[used[dests] < p.slots]
+                if free.size and not wide:  # into a free slot: only layer l changes
+                    rise = np.maximum(rest(l, w, free), np.maximum(wl[l, w] - t[l, e], wl[l, free] + t[l, e])) \
+                        - peak[l]
+                    i = int(np.lexsort((fresh[l, e, free], rise))[0])
+                    move = (float(rise[i]), int(fresh[l, e, free[i]]), int(w), int(free[i]), None)
+                    best = move if best is None or move[:2] < best[:2] else best
+                # trades: replica (xl, x) on destination d comes to w, and (l, e) goes to d
+                scope = np.flatnonzero(np.arange(L) != l) if wide else np.array([l])
+                li, xs, di = _nonzero(np.ascontiguousarray(H[scope][:, :, dests] & ~H[scope, :, w][:, :, None]))
+                ls, d = scope[li], dests[di]
+                spans = D[ls, xs].astype(bool).sum(1) - (D[ls, xs, dom[d]] == 1) + (D[ls, xs, dom[w]] == 0)
+                keep = (count[ls, xs] == 1) | (spans >= 2)  # the traded expert is not left on one domain
+                ls, xs, d = ls[keep], xs[keep], d[keep]
+                if not ls.size:
+                    continue
+                same = ls == l
+                dt = t[l, e] - np.where(same, t[ls, xs], 0.0)  # tokens layer l moves from w to d
+                rise = np.maximum(rest(l, w, d), np.maximum(wl[l, w] - dt, wl[l, d] + dt)) - peak[l]
+                other = np.maximum(rest(ls, w, d), np.maximum(wl[ls, w] + t[ls, xs], wl[ls, d] - t[ls, xs])) - peak[ls]
+                rise = rise + np.where(same, 0.0, other)
+                loads = fresh[l, e, d].astype(np.int64) + fresh[ls, xs, w]
+                i = int(np.lexsort((loads, rise))[0])
+                move = (float(rise[i]), int(loads[i]), int(w), int(d[i]), (int(ls[i]), int(xs[i])))
+                best = move if best is None or move[:2] < best[:2] else best
+        if best is None:
+            continue
+        _, _, w, d, traded = best
+        moves = [(l, e, w, d)] + ([(*traded, d, w)] if traded else [])
+        for ml, me, src, dst in moves:
+            H[ml, me, src], H[ml, me, dst] = False, True
+            wl[ml, src] -= t[ml, me]
+            wl[ml, dst] += t[ml, me]
+            D[ml, me, dom[src]] -= 1
+            D[ml, me, dom[dst]] += 1
+            used[src] -= 1
+            used[dst] += 1
+    return p.to_plan(H)
+
+
 # --- registry --------------------------------------------------------------------------------------
 
 Planner = Callable[[PlannerInput], PlacementPlan]
@@ -914,6 +1038,8 @@ PLANNERS: dict[str, Planner] = {"eplb": eplb_plan, "migration_aware": migration_
 
 
 def plan(policy_name: str, inp: PlannerInput) -> PlacementPlan:
+    """The policy's plan, spread over failure domains when `inp.domains` names them."""
     if policy_name not in PLANNERS:
         raise ValueError(f"unknown placement policy {policy_name!r}; known: {sorted(PLANNERS)}")
-    return PLANNERS[policy_name](inp)
+    new = PLANNERS[policy_name](inp)
+    return new if inp.domains is None else spread_over_domains(new, inp)

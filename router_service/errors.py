@@ -23,3 +23,8 @@ class EngineStopped(RuntimeError):
 class ControllerUnavailable(RuntimeError):
     """The controller is restarting or unreachable (UNAVAILABLE): an admin call can be retried shortly. Serving
     does not depend on it, so generation calls never see this."""
+
+
+# Trailing metadata of an UNAVAILABLE that came from the controller, not the router: every router shares the one
+# controller, so a client must not fail over to another router with it (a Rebalance would run twice).
+CONTROLLER_UNAVAILABLE_METADATA = ("moe-serve-unavailable", "controller")

@@ -27,7 +27,8 @@ from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.async_engine import AsyncEngine, EngineStepError
 from router_service.engine import Request, StepOutput
-from router_service.errors import ControllerUnavailable, EngineStopped, InvalidRequest, QueueFull
+from router_service.errors import (CONTROLLER_UNAVAILABLE_METADATA, ControllerUnavailable, EngineStopped,
+                                   InvalidRequest, QueueFull)
 from router_service.metrics import RequestTimer, RouterMetrics
 from router_service.sampling import SamplingParams
 from router_service.security import BearerTokenInterceptor, ServerSecurity
@@ -232,7 +233,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
         self._count(code)
-        await context.abort(code, str(err))
+        trailer = (CONTROLLER_UNAVAILABLE_METADATA,) if isinstance(err, ControllerUnavailable) else ()
+        await context.abort(code, str(err), trailing_metadata=trailer)
 
     def _wrap_unary(self, fn, method):
         async def wrapped(request, context):

@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from cluster.bench.common import machine, print_table, write_json
-from cluster.planner import (PlannerInput, balancedness, eplb_plan, expert_groups, initial_plan, migration_aware_plan,
-                             plan_change, plan_group_spread, workers_visited_per_token)
+from cluster.planner import (PlannerInput, balancedness, eplb_plan, expert_groups, experts_on_one_domain, initial_plan,
+                             migration_aware_plan, plan_change, plan_group_spread, spread_over_domains,
+                             workers_visited_per_token)
 from expert_workers.spec import ModelSpec, spec_from_config
 from expert_workers.wire import DTYPE_CODES, MAGIC_RSP, RSP, ReceiveBuffer, as_bytes, recv_request, recv_response, \
     send_all, send_request
@@ -95,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=2, help="decode steps drawn per router and batch size")
     g.add_argument("--micro-batches", default="1,2", help="dispatches per layer and step: 1, 2 or both")
     g.add_argument("--workers-per-node", type=int, default=8,
-                   help="also count messages if one went to each node of this many workers (0: skip)")
+                   help="workers per node (consecutive ids): the planner spreads replicas over the nodes, and "
+                        "messages are also counted as if one went to each node (0 or 1: neither)")
     g = p.add_argument_group("load trace (as `moe-serve bench placement`)")
     g.add_argument("--windows", type=int, default=6, help="load windows; a re-plan after each")
     g.add_argument("--tokens", type=int, default=4096, help="tokens per window, over all routers")
@@ -380,9 +382,13 @@ def controller_gather(plan: PlacementPlan, per_router: list[list[list[int]]], wi
 
 
 def replan(spec: ModelSpec, routing: Routing, workers: int, slots: int, windows: int, tokens: int,
-           shift_every: int, routers: int, telemetry_scale: float, time_from_plan: bool) -> dict:
-    """Re-plans as the controller makes them over the drifting trace, timed, with the controller's work."""
+           shift_every: int, routers: int, telemetry_scale: float, time_from_plan: bool,
+           workers_per_node: int = 0) -> dict:
+    """Re-plans as the controller makes them over the drifting trace, timed, with the controller's work.
+    With workers_per_node > 1 each plan is then spread over nodes of that many consecutive workers (what
+    cluster.planner.plan does with the controller's PlannerInput.domains); the rows say what that cost."""
     groups = expert_groups(spec)
+    domains = {w: f"node-{w // workers_per_node}" for w in range(workers)} if workers_per_node > 1 else None
     eb = spec.expert_bytes(2)
     start = initial_plan(spec, workers)
     current, oblivious = start, start
@@ -396,6 +402,16 @@ def replan(spec: ModelSpec, routing: Routing, workers: int, slots: int, windows:
         began = time.perf_counter()
         new = migration_aware_plan(PlannerInput(load, current=current, groups=groups, **inp))
         ours_ms = 1e3 * (time.perf_counter() - began)
+        spread = {}
+        if domains:
+            unspread = new
+            began = time.perf_counter()
+            new = spread_over_domains(new, PlannerInput(load, current=current, groups=groups, domains=domains, **inp))
+            spread = {"spread_ms": 1e3 * (time.perf_counter() - began),
+                      "one_node_experts_unspread": len(experts_on_one_domain(unspread, domains)),
+                      "one_node_experts": len(experts_on_one_domain(new, domains)),
+                      "balancedness_unspread": balancedness(unspread, load),
+                      "replicas_moved_unspread": plan_change(current, unspread, 1).bytes_moved}
         began = time.perf_counter()
         new_obl = migration_aware_plan(PlannerInput(load, current=oblivious, **inp))
         obl_ms = 1e3 * (time.perf_counter() - began)
@@ -414,10 +430,12 @@ def replan(spec: ModelSpec, routing: Routing, workers: int, slots: int, windows:
                      "replicas_moved_eplb": plan_change(current, eplb, 1).bytes_moved,
                      "visited_per_token": workers_visited_per_token(new, routed),
                      "visited_per_token_group_oblivious": workers_visited_per_token(new_obl, routed),
-                     "group_spread": plan_group_spread(new, groups) if groups else None})
+                     "group_spread": plan_group_spread(new, groups) if groups else None, **spread})
         print(f"window {t}: re-plan {ours_ms:.0f} ms (without groups {obl_ms:.0f}, eplb {eplb_ms:.0f}), "
               f"balancedness {before:.3f} -> {after:.3f} (eplb {rows[-1]['balancedness_eplb']:.3f}), "
-              f"{change.replicas_moved} replicas moved ({change.bytes_moved / 1e9:.1f} GB)", flush=True)
+              f"{change.replicas_moved} replicas moved ({change.bytes_moved / 1e9:.1f} GB)"
+              + (f"; spread over nodes in {spread['spread_ms']:.0f} ms: {spread['one_node_experts_unspread']} -> "
+                 f"{spread['one_node_experts']} experts on one node" if spread else ""), flush=True)
         current, oblivious = new, new_obl
     replans = rows[1:] or rows
     summary = {k: statistics.fmean(r[k] for r in replans) for k in rows[0] if k not in ("window", "group_spread")}
@@ -568,7 +586,8 @@ def _run(args: argparse.Namespace) -> int:
     routing = Routing(spec, args.zipf, args.hot, args.seed)
     # telemetry: a router's share of the window is tokens / routers; scale it to --telemetry-tokens
     scale = args.telemetry_tokens / max(args.tokens / R, 1)
-    planner = replan(spec, routing, W, slots, args.windows, args.tokens, args.shift_every, R, scale, args.from_plan)
+    planner = replan(spec, routing, W, slots, args.windows, args.tokens, args.shift_every, R, scale, args.from_plan,
+                     args.workers_per_node)
     s = planner["summary"]
 
     messages = {}
@@ -632,7 +651,14 @@ def _run(args: argparse.Namespace) -> int:
          ["migration_aware, no groups", f"{s['planner_ms_group_oblivious']:.0f}", "", "",
           f"{s['balancedness_group_oblivious']:.4f}", "", "", f"{s['visited_per_token_group_oblivious']:.2f}"],
          ["eplb (from scratch)", f"{s['eplb_ms']:.0f}", "", "", f"{s['balancedness_eplb']:.4f}",
-          f"{s['replicas_moved_eplb']:.0f}", f"{s['replicas_moved_eplb'] * spec.expert_bytes(2) / 1e9:.1f}", ""]])
+          f"{s['replicas_moved_eplb']:.0f}", f"{s['replicas_moved_eplb'] * spec.expert_bytes(2) / 1e9:.1f}", ""]]
+        + ([["  of which: before spreading over nodes", "", "", "", f"{s['balancedness_unspread']:.4f}",
+             f"{s['replicas_moved_unspread']:.0f}", "", ""],
+            ["  spreading over nodes (after the re-plan)", f"{s['spread_ms']:.0f}", "", "", "", "", "", ""]]
+           if "spread_ms" in s else []))
+    if "spread_ms" in s:
+        print(f"replicated experts with every copy on one node of {args.workers_per_node} workers: "
+              f"{s['one_node_experts_unspread']:.1f} before spreading, {s['one_node_experts']:.1f} after (means)")
     print("\ncontroller")
     ctl_table = print_table(
         ["work", "value"],

@@ -3,7 +3,8 @@ key-value store and the live actors; routers and workers (detached) never notice
 
 What must hold: no request in flight is lost, admin calls answer again within 30 s with the same plan (its version
 never goes backwards) and the same autoscaling policy, nothing was restarted (same worker and router processes),
-a worker that dies afterwards is still replaced, and a plan change cut short by the death leaves no trace.
+a worker that dies afterwards is still replaced, a plan change cut short by the death leaves no trace, and one
+whose new plan was already recorded is finished by the recovery.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import pytest
 
 from cluster.autoscaler import AutoscalingPolicy
 from cluster.controller import start_cluster, stop_cluster
-from cluster.settings import NAMESPACE, ClusterSettings
+from cluster.settings import NAMESPACE, ClusterSettings, router_name
 from router_service.api import cluster_admin_pb2 as admin_pb2
 from router_service.api import cluster_admin_pb2_grpc as admin_grpc
 from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.engine import EngineSettings, load_engine
+from router_service.errors import CONTROLLER_UNAVAILABLE_METADATA
 from router_service.sampling import SamplingParams
 
 pytestmark = pytest.mark.cluster
@@ -90,6 +92,9 @@ def admin_until_answered(target, call, bound=RECOVERY_BOUND_SECONDS):
             except grpc.RpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), \
                     f"{err.code().name}: {err.details()}"
+                # The router is up: its UNAVAILABLE is the controller's, marked so that clients do not fail over.
+                assert err.code() != grpc.StatusCode.UNAVAILABLE or \
+                    CONTROLLER_UNAVAILABLE_METADATA in tuple(err.trailing_metadata() or ()), err.trailing_metadata()
                 assert time.monotonic() - began < bound, f"admin calls still fail after {bound} s: {err.details()}"
                 time.sleep(0.2)
 
@@ -210,3 +215,47 @@ def test_a_plan_change_cut_short_by_the_death_leaves_no_trace(cluster, expected)
     record = ray.get(controller.rebalance.remote("manual", "after the restart", len(before.workers) + 1), timeout=300)
     assert record["new_version"] == before.plan_version + 1
     assert all(w.worker_id != starting[0].worker_id for w in placement(target).workers)
+
+
+def test_a_plan_change_recorded_before_the_death_is_finished_by_the_recovery(cluster, expected):
+    """Killed while a scale-in's new plan is recorded but no router has switched (the "recorded" pause point),
+    with requests streaming: the recovery switches every router to the recorded plan, and only then stops the
+    drained worker that the routers' old plan still used. No request is lost, and the version moves on."""
+    import ray
+
+    controller, target = cluster
+    before = placement(target)
+    assert len(before.workers) >= 2, "the previous test scales out; this one scales in"
+
+    def router_stats():
+        return [ray.get(ray.get_actor(router_name(int(r.router_id)), namespace=NAMESPACE).stats.remote(), timeout=30)
+                for r in before.routers]
+
+    failovers = [len(s["recoveries"]) for s in router_stats()]
+    drained = before.workers[-1]
+    results, errors, started = [None] * len(PROMPTS), [None] * len(PROMPTS), threading.Event()
+    controller.hold.remote("recorded")
+    change = controller.rebalance.remote("manual", "recorded, then cut short", len(before.workers) - 1)
+    deadline = time.monotonic() + 120
+    while not ray.get(controller.parked.remote("recorded"), timeout=30):
+        assert time.monotonic() < deadline, "the scale-in never recorded its plan"
+        time.sleep(0.2)
+    threads = stream_all(target, results, errors, started)
+    assert started.wait(60)
+    kill_controller(ray, controller)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(change, timeout=60)
+    after = placement(target)
+    for t in threads:
+        t.join(300)
+    assert errors == [None] * len(PROMPTS)
+    assert results == expected, "a request in flight lost tokens to the recovery"
+    assert after.plan_version == before.plan_version + 1
+    assert [w.worker_id for w in after.workers] == [w.worker_id for w in before.workers[:-1]]
+    assert [s["plan_version"] for s in router_stats()] == [after.plan_version] * len(before.routers)
+    # The drained worker was stopped only once no router used it: no dispatch ever failed over.
+    assert [len(s["recoveries"]) for s in router_stats()] == failovers
+    deadline = time.monotonic() + 30
+    while drained.actor_name in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+        assert time.monotonic() < deadline, f"{drained.actor_name}, drained by the recorded plan, is still alive"
+        time.sleep(0.2)

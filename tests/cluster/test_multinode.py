@@ -4,7 +4,8 @@ session's Ray cluster (conftest's ray_cluster) and removed again.
 Routers run on the nodes that carry `router_resource`, expert workers on those that carry `worker_resource`, so
 every dispatch crosses nodes (TCP data plane). Checked: the engine's greedy tokens; a router node that joins gets a
 router and one that leaves disturbs no other; an expert node killed under load (its raylet and its workers with
-it) loses no request, and the controller replaces its workers on the nodes left.
+it) loses no request, and the controller replaces its workers on the nodes left; a re-plan spreads every replicated
+expert over both expert nodes, so that losing one leaves a copy.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def nodes(ray_cluster):
 def cluster(nodes, tiny_model):
     settings = ClusterSettings(model=tiny_model, num_workers=4, port=0, engine=ENGINE, router_resource=ROUTER,
                                worker_resource=EXPERT, rebalance_below_balancedness=None,
+                               migration_weight=0.0,  # moves are free: a re-plan replicates the hot experts
                                autoscaling=AutoscalingPolicy(interval_seconds=0.5))
     controller, _ = start_cluster(settings)
     try:
@@ -118,6 +120,22 @@ def test_routers_and_workers_run_on_their_nodes_and_give_the_engines_tokens(clus
     assert [r.node_id for r in p.routers] == [nodes["router"].node_id]
     expert_nodes = {nodes["expert_a"].node_id, nodes["expert_b"].node_id}
     assert {w.node_id for w in p.workers} == expert_nodes, "workers must spread over both expert nodes"
+    assert generate(target) == expected
+
+
+def test_a_replan_spreads_every_replicated_expert_over_both_expert_nodes(cluster, expected):
+    target = first_router(cluster)
+    assert generate(target) == expected  # routing load for the planner
+    with grpc.insecure_channel(target) as channel:
+        admin_grpc.ClusterAdminStub(channel).Rebalance(admin_pb2.RebalanceRequest(reason="test spread"), timeout=120)
+    p = placement(target)
+    nodes_of: dict[tuple[int, int], list[str]] = {}  # logical expert -> the node of each of its replicas
+    for w in p.workers:
+        for r in w.replicas:
+            nodes_of.setdefault((r.layer, r.expert), []).append(w.node_id)
+    replicated = {x: set(n) for x, n in nodes_of.items() if len(n) > 1}
+    assert replicated, "the re-plan replicated nothing: nothing to check"
+    assert all(len(n) == 2 for n in replicated.values()), {x: n for x, n in replicated.items() if len(n) < 2}
     assert generate(target) == expected
 
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, expert_groups, grouped_plan,
+from cluster.planner import (PLANNERS, PlannerInput, balancedness, eplb_plan, expert_groups, experts_on_one_domain,
+                             grouped_plan,
                              initial_plan, match_workers, migration_aware_plan, plan, plan_change, plan_group_spread,
                              round_robin_plan, worker_load, workers_visited_per_token)
 from router_service.placement import PlacementPlan, WorkerPlacement
@@ -438,3 +439,124 @@ def test_eplb_packing_makes_room_once_per_stuck_layer():
     p = eplb_plan(inp)
     check_valid(p, inp)
     assert p.replica_count()[(1, 0)] == 3 and p.replica_count()[(2, 0)] == 3
+
+
+# --- spreading replicas over failure domains (nodes) -----------------------------------------------
+
+
+def test_a_replicated_expert_on_one_node_gets_a_copy_on_another():
+    # nodes a = {w0, w1}, b = {w2, w3}, 2 slots each. Expert 0 (80 tokens) has both replicas on node a:
+    # w0 {0, 1} = 40 + 10, w1 {0, 2} = 40 + 30, w2 {3} = 30, w3 {1} = 10 -> mean 40 / max 70.
+    current = plan_of(4, (1,), [[(1, 0), (1, 1)], [(1, 0), (1, 2)], [(1, 3)], [(1, 1)]])
+    load = layer_load([80, 20, 30, 30])
+    nodes = {0: "a", 1: "a", 2: "b", 3: "b"}
+    assert experts_on_one_domain(current, nodes) == [(1, 0)]
+    # A migration weight this large keeps the plan; the spread still moves a copy of expert 0 to node b.
+    # The move that raises the layer's maximum least: w1's replica into w3's free slot (w1 -> 30, w3 -> 50).
+    new = plan("migration_aware", PlannerInput(load, 4, 2, EB, current=current, migration_weight=100.0,
+                                               domains=nodes))
+    assert new.version == 2
+    assert [experts_on(new, w) for w in range(4)] == [[0, 1], [2], [3], [0, 1]]
+    assert experts_on_one_domain(new, nodes) == []
+    assert balancedness(new, load) == 40 / 50
+
+
+def test_a_full_node_trades_the_replica_that_balances_best():
+    # Every slot taken. Tokens per replica: expert 0 = 30 (x2, both on node a), 1 = 10 (x3), 2 = 20 (x2),
+    # 3 = 20 (x1). w0 {0, 1} = 40, w1 {0, 2} = 50, w2 {1, 3} = 30, w3 {1, 2} = 30: mean 37.5 / max 50.
+    current = plan_of(4, (1,), [[(1, 0), (1, 1)], [(1, 0), (1, 2)], [(1, 1), (1, 3)], [(1, 1), (1, 2)]])
+    load = layer_load([60, 30, 40, 20])
+    nodes = {0: "a", 1: "a", 2: "b", 3: "b"}
+    # Trading w1's expert 0 for w2's expert 3 gives w1 {2, 3} = 40, w2 {0, 1} = 40: the maximum falls to 40.
+    # (w3's expert 2 cannot come over: both its replicas would then be on node a.)
+    new = plan("migration_aware", PlannerInput(load, 4, 2, EB, current=current, migration_weight=100.0,
+                                               domains=nodes))
+    assert [experts_on(new, w) for w in range(4)] == [[0, 1], [2, 3], [0, 1], [1, 2]]
+    assert experts_on_one_domain(new, nodes) == []
+    assert balancedness(new, load) == 37.5 / 40
+
+
+def test_a_trade_may_take_another_layers_replica():
+    # Layer 1 lives on node a's workers only (w0, w1) and its expert 0 has both replicas there; w2 on node b
+    # is full of layer 2, whose single-replica experts can go anywhere: the only fix trades across layers.
+    current = plan_of(2, (1, 2), [[(1, 0), (1, 1)], [(1, 0), (1, 1)], [(2, 0), (2, 1)]])
+    nodes = {0: "a", 1: "a", 2: "b"}
+    load = {(1, 0): 10, (1, 1): 10, (2, 0): 10, (2, 1): 10}
+    assert experts_on_one_domain(current, nodes) == [(1, 0), (1, 1)]
+    new = plan("eplb", PlannerInput(load, 3, 2, EB, current=current, domains=nodes))
+    assert experts_on_one_domain(new, nodes) == []
+    new = plan("migration_aware", PlannerInput(load, 3, 2, EB, current=current, migration_weight=100.0,
+                                               domains=nodes))
+    assert experts_on_one_domain(new, nodes) == []
+    assert new.replica_count() == current.replica_count()
+
+
+def test_one_node_or_no_domains_plans_as_the_policy_does():
+    rng = np.random.default_rng(3)
+    load = zipf_load(rng, 2, 8)
+    current = migration_aware_plan(PlannerInput(zipf_load(rng, 2, 8), 4, 6, EB))
+    for policy in sorted(PLANNERS):
+        inp = PlannerInput(load, 4, 6, EB, current=current)
+        alone = PLANNERS[policy](inp)
+        assert plan(policy, inp) == alone
+        one_node = plan(policy, PlannerInput(load, 4, 6, EB, current=current, domains={w: "a" for w in range(4)}))
+        assert one_node == alone
+
+
+def test_a_worker_the_domains_do_not_name_counts_as_a_node_of_its_own():
+    # Scale-out from 2 workers on node a to 3: the new worker has no node yet. The controller starts it
+    # with Ray's SPREAD strategy, so it is taken as a node of its own: the hot expert's copies land there.
+    current = plan_of(3, (1,), [[(1, 0), (1, 1)], [(1, 0), (1, 2)]])
+    load = layer_load([90, 5, 5])
+    nodes = {0: "a", 1: "a"}
+    assert experts_on_one_domain(current, nodes) == []  # one node: nowhere else to put a copy
+    new = plan("migration_aware", PlannerInput(load, 3, 2, EB, current=current, domains=nodes))
+    assert experts_on_one_domain(new, nodes) == []
+    assert 0 in experts_on(new, 2)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_spread_leaves_no_replicated_expert_on_one_node(data):
+    """Nodes of 2-3 workers each (as Ray's SPREAD strategy fills them), up to 2 spare slots per worker:
+    after spreading, losing any one node leaves every replicated expert a copy; every plan stays valid,
+    and replica counts are the policy's."""
+    layers, nodes = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 3))
+    workers = nodes * data.draw(st.integers(2, 3))
+    experts = data.draw(st.integers(workers, 16))
+    slots = -(-layers * experts // workers) + data.draw(st.integers(0, 2))
+    node_of = {w: f"node-{w % nodes}" for w in range(workers)}
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    moe_layers = tuple(range(1, layers + 1))
+    load = {(l, e): int(n) for l in moe_layers for e, n in enumerate(rng.zipf(1.5, experts) * rng.integers(0, 3))}
+    start_load = {(l, e): int(n) for l in moe_layers for e, n in enumerate(rng.integers(0, 50, experts))}
+    current = eplb_plan(PlannerInput(start_load, workers, slots, EB, current=round_robin_plan(moe_layers, experts,
+                                                                                              workers)))
+    policy = data.draw(st.sampled_from(sorted(PLANNERS)))
+    inp = PlannerInput(load, workers, slots, EB, current=current, domains=node_of)
+    new = plan(policy, inp)
+    check_valid(new, inp)
+    assert new.replica_count() == PLANNERS[policy](inp).replica_count()
+    assert experts_on_one_domain(new, node_of) == []
+    for lost in set(node_of.values()):
+        left = {r for w in new.workers if node_of[w.worker_id] != lost for r in w.replicas}
+        assert all(r in left for r, n in new.replica_count().items() if n > 1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_spread_never_adds_an_expert_on_one_node(data):
+    """Any assignment of workers to nodes, however lopsided: the spread may not fix every expert (a node of
+    one full worker cannot take a copy of each), but it never leaves more on one node than the policy did."""
+    layers, workers = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 7))
+    experts = data.draw(st.integers(2, 12))
+    slots = -(-layers * experts // workers) + data.draw(st.integers(0, 4))
+    node_of = {w: f"node-{data.draw(st.integers(0, 2))}" for w in range(workers)}
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    load = zipf_load(rng, layers, experts)
+    current = eplb_plan(PlannerInput(zipf_load(rng, layers, experts), workers, slots, EB))
+    inp = PlannerInput(load, workers, slots, EB, current=current, domains=node_of)
+    new, alone = plan("migration_aware", inp), migration_aware_plan(inp)
+    check_valid(new, inp)
+    assert new.replica_count() == alone.replica_count()
+    assert set(experts_on_one_domain(new, node_of)) <= set(experts_on_one_domain(alone, node_of))
