@@ -331,6 +331,7 @@ class Controller:
                 # then starts it again (see _check_routers). Pinned: clients know it by its node's address.
                 handle = cls.options(
                     name=router_name(rid), namespace=NAMESPACE, lifetime="detached", num_cpus=s.router_num_cpus,
+                    num_gpus=s.router_num_gpus,
                     max_restarts=-1, runtime_env=actor_runtime_env(),
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 ).remote(rid, self.model_dir, self.router_engine_settings(), self.plan, s.host, grpc_port,

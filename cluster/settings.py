@@ -64,6 +64,10 @@ class ClusterSettings(BaseSettings):
     worker_num_gpus: float | None = Field(
         None, ge=0, description="GPUs each expert worker asks Ray for; default 1 when the cluster has GPUs, else 0.")
     router_num_cpus: float = Field(0.5, ge=0, description="CPUs each router asks Ray for.")
+    router_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs each router asks Ray for: 1 on GPU router pods, so that the router's "
+        "attention, shared experts and KV cache run on the pod's GPU (Ray hands a GPU only to an actor that asks). "
+        "0: routers compute on CPUs.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per expert worker process; default: the CPUs it asks Ray for "
         "(worker_num_cpus, rounded down, at least 1), so that processes sharing a node do not oversubscribe it.")

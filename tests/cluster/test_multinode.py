@@ -18,7 +18,7 @@ import pytest
 
 from cluster.autoscaler import AutoscalingPolicy
 from cluster.controller import start_cluster, stop_cluster
-from cluster.settings import ClusterSettings
+from cluster.settings import NAMESPACE, ClusterSettings, router_name
 from router_service.api import cluster_admin_pb2 as admin_pb2
 from router_service.api import cluster_admin_pb2_grpc as admin_grpc
 from router_service.api import generation_pb2 as pb2
@@ -37,7 +37,9 @@ ROUTER, EXPERT = "test_router_node", "test_expert_node"  # the custom resources 
 @pytest.fixture(scope="module")
 def nodes(ray_cluster):
     """One router node and two expert nodes, beside the head (which carries neither resource)."""
-    added = {"router": ray_cluster.add_node(num_cpus=1, resources={ROUTER: 1}),
+    # The router node declares a GPU (Ray takes the count on trust; torch finds no CUDA and computes on the CPU):
+    # routers ask for one (router_num_gpus), as on GPU router pods.
+    added = {"router": ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={ROUTER: 1}),
              "expert_a": ray_cluster.add_node(num_cpus=1, resources={EXPERT: 1}),
              "expert_b": ray_cluster.add_node(num_cpus=1, resources={EXPERT: 1})}
     ray_cluster.wait_for_nodes()
@@ -50,7 +52,8 @@ def nodes(ray_cluster):
 @pytest.fixture(scope="module")
 def cluster(nodes, tiny_model):
     settings = ClusterSettings(model=tiny_model, num_workers=4, port=0, engine=ENGINE, router_resource=ROUTER,
-                               worker_resource=EXPERT, rebalance_below_balancedness=None,
+                               worker_resource=EXPERT, router_num_gpus=1, worker_num_gpus=0,
+                               rebalance_below_balancedness=None,
                                migration_weight=0.0,  # moves are free: a re-plan replicates the hot experts
                                autoscaling=AutoscalingPolicy(interval_seconds=0.5))
     controller, _ = start_cluster(settings)
@@ -120,6 +123,10 @@ def test_routers_and_workers_run_on_their_nodes_and_give_the_engines_tokens(clus
     assert [r.node_id for r in p.routers] == [nodes["router"].node_id]
     expert_nodes = {nodes["expert_a"].node_id, nodes["expert_b"].node_id}
     assert {w.node_id for w in p.workers} == expert_nodes, "workers must spread over both expert nodes"
+    import ray
+
+    router = ray.get_actor(router_name(int(p.routers[0].router_id)), namespace=NAMESPACE)
+    assert ray.get(router.__ray_call__.remote(lambda self: __import__("ray").get_gpu_ids()), timeout=30) == [0]
     assert generate(target) == expected
 
 
@@ -142,7 +149,7 @@ def test_a_replan_spreads_every_replicated_expert_over_both_expert_nodes(cluster
 def test_a_router_node_that_joins_gets_a_router_and_one_that_leaves_disturbs_no_other(
         ray_cluster, cluster, nodes, expected):
     target = first_router(cluster)
-    joined = ray_cluster.add_node(num_cpus=1, resources={ROUTER: 1})
+    joined = ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={ROUTER: 1})
     ray_cluster.wait_for_nodes()
     new = wait_for("a router on the node that joined", lambda: [
         r for r in placement(target).routers if r.node_id == joined.node_id])
