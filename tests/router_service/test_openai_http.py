@@ -24,6 +24,7 @@ from router_service.api import generation_pb2 as pb2
 from router_service.api import generation_pb2_grpc as pb2_grpc
 from router_service.engine import EngineSettings, load_engine
 from router_service.sampling import SamplingParams
+from tests.router_service.test_server import wait_idle
 
 MAX_MODEL_LEN = 128
 MAX_NUM_SEQS = 2
@@ -58,16 +59,6 @@ def reference(tiny_model):
 
 def offline(reference, ids: list[int], **params):
     return reference.generate([ids], SamplingParams(**params))[0]
-
-
-def wait_idle(engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.num_running == 0 and engine.num_waiting == 0 and engine.kv.used_slots == 0:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"engine not idle after {timeout} s: running {engine.num_running}, waiting {engine.num_waiting}, "
-                f"KV slots used {engine.kv.used_slots}")
 
 
 def raw(served, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"

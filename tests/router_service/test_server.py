@@ -60,7 +60,7 @@ def ids_request(ids, **sampling) -> pb2.GenerateRequest:
     return pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids), sampling=pb2.SamplingParams(**sampling))
 
 
-def wait_idle(engine: Engine, timeout: float = 5.0) -> float:
+def wait_idle(engine: Engine, timeout: float = 10.0) -> float:
     """Wait until the engine has nothing running or waiting and every KV slot is free; seconds taken."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
