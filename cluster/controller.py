@@ -213,6 +213,9 @@ class Controller:
         # changes): every _persist writes it, not the plan in force, until the change commits or rolls back.
         self._recorded: PlacementPlan | None = None
         self._unrecoverable: str | None = None  # why recover gave up; _until_ready raises it at once
+        # Set by shutdown: a plan change still running then starts no actor and writes no state (its deletion
+        # must stick, and actors started after the fleet was stopped would be detached orphans).
+        self._shutting_down = False
         context = ray.get_runtime_context() if ray.is_initialized() else None  # None: a test of the body
         if context and context.get_actor_id() is not None and context.was_current_actor_reconstructed:
             # Ray restarted this actor after its process died: recover runs as this actor's first call, once
@@ -229,6 +232,8 @@ class Controller:
     async def _start_workers(self, workers: list[WorkerPlacement]) -> None:
         """Start worker actors hosting `workers`' replicas and wait until each has loaded them."""
         s = self.settings
+        if self._shutting_down:
+            raise ControllerUnavailable("the cluster is shutting down: no worker is started")
         self._persist()  # the ids handed out so far, before an actor holds one: a restart never reuses them
         cls = ray.remote(ExpertWorker)
         resources = {s.worker_resource: 0.001} if s.worker_resource else {}
@@ -318,6 +323,8 @@ class Controller:
 
         Called under _plan_lock or before the control loop runs, so no plan change misses a starting router."""
         s = self.settings
+        if self._shutting_down:
+            raise ControllerUnavailable("the cluster is shutting down: no router is started")
         cls = ray.remote(Router)
         every_interface = s.host in ("0.0.0.0", "::", "")
         starting: dict[int, tuple[RouterEntry, ray.actor.ActorHandle]] = {}
@@ -442,7 +449,7 @@ class Controller:
         """Write what a restarted controller needs (ControllerState) to Ray's KV store: the plan recorded by a
         change under way (_record), else the plan in force."""
         plan = self._recorded or self.plan
-        if plan is None:
+        if plan is None or self._shutting_down:
             return
         state = ControllerState(plan, self._next_worker_id, self._next_router_id, tuple(self.routers.values()),
                                 frozenset(self.retired_nodes), self.policy.model_dump(),
@@ -970,6 +977,7 @@ class Controller:
 
     async def shutdown(self) -> None:
         """Stop routers (after a short drain) and workers, and forget the saved state: nothing is recovered."""
+        self._shutting_down = True
         if self._loop_task is not None:
             self._loop_task.cancel()
         for task in list(self._replacing.values()):

@@ -212,8 +212,7 @@ class ExpertGroup:
         if le.backend == "amx":  # the fused kernel
             return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
         counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
-        # dot: fused while no expert gets more rows than its register tiles suit
-        if le.backend == "dot" and int(counts.max()) <= kernels.DOT_MAX_ROWS:
+        if le.backend == "dot" and int(counts.max()) <= kernels.MOE_DOT_MAX_ROWS:  # fused: decode
             return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
         out = torch.zeros_like(hidden)  # [T, H]
         order = torch.argsort(rows, stable=True)  # pairs grouped by expert

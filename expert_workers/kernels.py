@@ -7,7 +7,8 @@ the CPU they run on and used where they apply:
 
     backend  dtype            weights                              rows per call
     amx      bf16 (AMX CPUs)  prepacked once into VNNI tiles        any
-    dot      bf16 with AVX512-BF16, or fp32 with AVX-512 / AVX2     at most DOT_MAX_ROWS (else torch)
+    dot      bf16 with AVX512-BF16, or fp32 with AVX-512 / AVX2     at most DOT_MAX_ROWS; a linear of more
+                              (and a oneDNN-prepacked copy)        rows runs torch's oneDNN linear on the copy
     torch    anything else, GPUs, or when the build is unavailable  any
 
 Weights of a linear go through `prepare_linear` once after loading, stacked routed experts through
@@ -42,8 +43,17 @@ ENV = "MOE_SERVE_CPU_KERNELS"  # "auto" (default) or "torch"
 MARCH_ENV = "MOE_SERVE_CPU_MARCH"
 
 # The dot backend is register-tiled for a handful of rows and becomes compute-bound past them; above
-# this many rows torch's GEMM is as fast (measured on AVX-512 and AMX machines, docs/kernels.md).
+# this many rows oneDNN's GEMM on prepacked weights is as fast or faster (docs/kernels.md).
 DOT_MAX_ROWS = 8
+# The fused MoE layer on dot serves a layer while no expert gets more rows than this: decode batches (6 to 20
+# rows per expert at 32 to 64 sequences of deepseek-moe-mini, top-6 of 32), where it ran the engine's decode
+# 2.3x (bf16) and 2.5x (AVX2 fp32) faster at 32 sequences than the per-expert torch paths, which read each
+# expert's weights at a third of the rate. Prefill (about 100 rows per expert at 512 tokens) stays on those:
+# there the register tiles are compute-bound (AVX2 fp32 prefill fell from 419 to 275 tokens/s fused).
+MOE_DOT_MAX_ROWS = 32
+# The batch size oneDNN packs a linear's weight for (torch.ops.mkldnn._reorder_linear_weight): a hint for its
+# blocking only, any row count runs on the result. 32 measured as well as the exact size at 12 to 64 rows.
+ONEDNN_ROWS_HINT = 32
 
 
 @functools.cache
@@ -121,6 +131,10 @@ class LinearWeight:
     weight: torch.Tensor
     backend: str  # "amx" or "dot"
     out_features: int
+    # dot: the same weight in oneDNN's own blocked layout, for calls of more than DOT_MAX_ROWS rows, where
+    # torch's F.linear would re-lay the plain weight out on every call (twice as slow at 16 to 64 rows).
+    # None where torch has no oneDNN. Costs a second copy of the weight in memory.
+    onednn: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -134,7 +148,20 @@ def prepare_linear(w: torch.Tensor | LinearWeight) -> torch.Tensor | LinearWeigh
     backend = backend_for(w.dtype, w.device)
     if backend is None or (backend == "amx" and not _amx_fits(w)):
         return w
-    return LinearWeight(pack_amx(w) if backend == "amx" else w.contiguous(), backend, w.shape[0])
+    if backend == "amx":
+        return LinearWeight(pack_amx(w), backend, w.shape[0])
+    return LinearWeight(w.contiguous(), backend, w.shape[0], _onednn_pack(w))
+
+
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """w [N, K] prepacked for torch's oneDNN linear (torch.ops.mkldnn), or None where this torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ONEDNN_ROWS_HINT)
+    except (RuntimeError, AttributeError) as err:
+        log.info("oneDNN weight prepacking unavailable (%s); torch's linear serves large batches", err)
+        return None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,6 +172,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor |
     if x.dtype != w.weight.dtype or (w.backend == "dot" and rows.shape[0] > DOT_MAX_ROWS):
         if w.backend == "amx":  # packed: no torch op reads it; compute in its dtype
             return linear(x.to(w.weight.dtype), w, bias).to(x.dtype)
+        if w.onednn is not None and x.dtype == w.weight.dtype:
+            y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w.onednn, bias, "none", [], "")  # [M, N]
+            return y.view(*x.shape[:-1], w.out_features)
         return F.linear(x, w.weight, bias)
     y = torch.ops.moe_serve_cpu.linear(rows, w.weight, w.backend).view(*x.shape[:-1], w.out_features)
     return y if bias is None else y + bias

@@ -37,6 +37,10 @@ constexpr int MT = 6;        // token rows per register tile
 constexpr int NR = 4;        // weight rows per register tile (NR * MT accumulators)
 constexpr int64_t PF = 16;   // AMX: weight tiles prefetched ahead, per stream
 constexpr int64_t NB = 32;   // output features per parallel work item (two AMX column blocks)
+// dot: weight tiles fetched ahead into L2, besides the next tile into L1. L1's fill buffers alone hold too few
+// lines in flight to stream at DRAM speed; on 2 cores of an AMD EPYC (Zen 4) fetching 8 tiles ahead took the
+// fused MoE layer of deepseek-moe-mini at 32 sequences from 14 to 22 GB/s in bf16, and AVX2 fp32 by a fifth.
+constexpr int64_t DOT_PF = 8;
 
 // A bf16 (its bits, as uint16_t) or fp32 element as fp32.
 template <typename T>
@@ -65,6 +69,7 @@ inline void dot_tile_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K
     _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x[m] + k);
     _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (nr + r) * K + k), _MM_HINT_T0);  // the next tile's rows
+      _mm_prefetch(reinterpret_cast<const char*>(w + (DOT_PF * nr + r) * K + k), _MM_HINT_T1);  // far ahead, into L2
       __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
       _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
     }
@@ -126,6 +131,7 @@ inline void dot_tile_f32(const float* const* x, const float* w, int64_t K, float
     _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) xv[m] = vload(x[m] + k);
     _Pragma("GCC unroll 8") for (int r = 0; r < nr; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (nr + r) * K + k), _MM_HINT_T0);  // the next tile's rows
+      _mm_prefetch(reinterpret_cast<const char*>(w + (DOT_PF * nr + r) * K + k), _MM_HINT_T1);  // far ahead, into L2
       vec wv = vload(w + r * K + k);
       _Pragma("GCC unroll 8") for (int m = 0; m < mt; ++m) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
     }

@@ -136,13 +136,18 @@ def test_bad_inputs_name_what_is_wrong():
 
 def test_prepared_weights_run_on_the_kernel_and_keep_torch_semantics():
     """prepare_linear/linear: the same result as F.linear, any leading dims, bias added; big batches on dot
-    and dtypes without a kernel go to torch."""
+    go to oneDNN's linear on a prepacked copy, and dtypes without a kernel to torch."""
     gen = torch.Generator().manual_seed(2)
-    w, bias = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen)
-    prepared = kernels.prepare_linear(w)
-    for shape in [(1, 64), (3, 2, 64), (50, 64)]:
-        x = torch.randn(*shape, generator=gen)
-        torch.testing.assert_close(kernels.linear(x, prepared, bias), F.linear(x, w, bias), **TOL[torch.float32])
+    for dtype in (torch.float32, torch.bfloat16):
+        w, bias = torch.randn(32, 64, generator=gen).to(dtype), torch.randn(32, generator=gen).to(dtype)
+        prepared = kernels.prepare_linear(w)
+        if isinstance(prepared, kernels.LinearWeight) and prepared.backend == "dot":
+            assert (prepared.onednn is not None) == torch.backends.mkldnn.is_available()
+        for shape in [(1, 64), (3, 2, 64), (50, 64), (5, 13, 64)]:
+            x = torch.randn(*shape, generator=gen).to(dtype)
+            got = kernels.linear(x, prepared, bias)
+            assert got.dtype == dtype and got.shape == (*shape[:-1], 32)
+            torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), bias.float()), **TOL[dtype])
     half = torch.randn(4, 64, generator=gen).half()
     assert kernels.prepare_linear(w.half()) is not None
     torch.testing.assert_close(kernels.linear(half, kernels.prepare_linear(w.half())), F.linear(half, w.half()))
