@@ -48,8 +48,6 @@ from tests.router_service.test_reference_equivalence import (
     LOGIT_ATOL,
     LONG_PROMPT,
     MAX_MODEL_LEN,
-    MAX_NEW,
-    MIN_GREEDY_MARGIN,
     PROMPTS,
     SCENARIOS,
     VOCAB,

@@ -42,7 +42,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2TextMoe,
 )
 
-from expert_workers.checkpoint import Checkpoint, CheckpointError
+from expert_workers.checkpoint import Checkpoint
 from expert_workers.spec import load_spec
 from router_service.engine import Engine, EngineSettings, load_engine
 from router_service.kv_cache import KVCache
