@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,6 @@ from tqdm.auto import tqdm
 
 from expert_workers import kernels
 from expert_workers.checkpoint import Checkpoint
-
-R = TypeVar("R")
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor | kernels.LinearWeight,
@@ -100,13 +96,16 @@ class ExpertGroup:
         """Load more replicas from the checkpoint; returns bytes read. Serving continues meanwhile.
 
         A live rebalance is background work that decode steps on the same machine must not wait behind:
-        the reading and copying run on a thread at the lowest CPU priority, and for a fraction `duty` of
-        the time (each layer's work followed by a pause, 1 - duty of the time), since copying weights also
-        competes with decode for memory bandwidth and the GIL, which a CPU priority does not cover.
+        the reading and copying run for a fraction `duty` of the time (each layer's work followed by a
+        pause, 1 - duty of the time), since copying weights competes with decode for cores, memory
+        bandwidth and the GIL. At normal CPU priority: a nice-19 loader stalled decoding outright in 4 of 9
+        `moe-serve bench rebalance` runs (it holds the GIL between torch calls while every other thread on
+        the machine runs ahead of it, and the serving thread waits for the GIL), against 0 of 7 without
+        (docs/rebalancing.md).
         """
         if not 0 < duty <= 1:
             raise ValueError(f"duty must be in (0, 1], got {duty}")
-        return at_low_priority(lambda: self._add(checkpoint, hosted, dtype, duty))
+        return self._add(checkpoint, hosted, dtype, duty)
 
     def _add(self, checkpoint: Checkpoint, hosted: dict[int, list[int]], dtype: torch.dtype, duty: float) -> int:
         read = 0
@@ -229,31 +228,6 @@ class ExpertGroup:
             out.index_add_(0, idx, y * weight[start : start + n, None].to(y.dtype))
             start += n
         return out
-
-
-def at_low_priority(fn: Callable[[], R]) -> R:
-    """fn() on a new thread at nice 19, waited for. Linux keeps a nice value per thread, so only this
-    work yields the CPU (a thread cannot raise its priority back without privileges, hence a new one).
-    Elsewhere it simply runs at normal priority."""
-    result: list = []
-
-    def body():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):  # not Linux, or not permitted: load at normal priority
-            pass
-        try:
-            result.append((True, fn()))
-        except BaseException as err:  # re-raised on the caller's thread
-            result.append((False, err))
-
-    thread = threading.Thread(target=body, name="expert-loading", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
 
 
 def _batched_pays(counts: torch.Tensor, dtype: torch.dtype) -> bool:

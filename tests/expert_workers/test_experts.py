@@ -115,20 +115,33 @@ def test_auto_dtype_policy(monkeypatch, native_bf16):
     assert EngineSettings(dtype="float32").torch_dtype("bfloat16", cpu) == torch.float32
 
 
-def test_loading_runs_at_low_priority_and_leaves_the_caller_alone():
+def test_loading_runs_at_the_callers_priority(tiny_model, monkeypatch):
+    """A nice-19 loader stalled decoding (priority inversion on the GIL, docs/rebalancing.md): loading runs on
+    the calling thread, at its CPU priority."""
     import os
     import threading
 
-    from expert_workers.experts import at_low_priority
+    from expert_workers.checkpoint import Checkpoint
 
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def priority() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return tid, os.getpriority(os.PRIO_PROCESS, tid)
 
-    before = nice()
-    assert at_low_priority(nice) == 19  # Linux: a per-thread nice value
-    assert nice() == before
-    with pytest.raises(ValueError, match="bad replica"):
-        at_low_priority(lambda: (_ for _ in ()).throw(ValueError("bad replica")))
+    seen = []
+    real = ExpertGroup._add
+
+    def spy(self, *args):
+        seen.append(priority())
+        return real(self, *args)
+
+    monkeypatch.setattr(ExpertGroup, "_add", spy)
+    ck = Checkpoint(tiny_model)
+    layer = ck.spec.moe_layers[0]
+    group = ExpertGroup.load(ck, {layer: [0]}, torch.float32)
+    seen.clear()
+    group.add(ck, {layer: [1]}, torch.float32)
+    assert seen == [priority()]
+    assert group.hosted() == {layer: [0, 1]}
 
 
 def test_adding_and_removing_replicas_equals_loading_them_at_once(tiny_model):
