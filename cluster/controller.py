@@ -371,7 +371,9 @@ class Controller:
         self.retired_nodes &= alive  # node ids are never reused
         changed = False
         for rid, entry in list(self.routers.items()):
-            handle = self.router_handles[rid]
+            handle = self.router_handles.get(rid)
+            if handle is None:
+                continue  # retired meanwhile (retire_routers ran during an await of this loop)
             if entry.node_id not in alive:
                 log.warning("%s: its node %s is gone; dropped", entry.name, entry.node_id)
                 self.routers.pop(rid)
@@ -671,16 +673,21 @@ class Controller:
         except BaseException:  # the rollout failed: the old placement stays, and so do its workers
             for wid in leaving:
                 self.worker_states.pop(wid, None)
-            await self._roll_back(old, new, change, fresh)
+            try:
+                await self._roll_back(old, new, change, fresh)
+            except BaseException:  # the rollout's own error is the one to raise
+                log.exception("rolling back plan v%d failed", new.version)
             raise
         finally:
             for w in fresh:
                 self.starting.pop(w.worker_id, None)
         self._commit(new)
         self.events.append(record)
-        # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers.
+        # 4. no router sends tokens to removed replicas any more: unload them, stop drained workers. A worker
+        # that died meanwhile does not keep the drained ones alive (the control loop replaces it).
         await asyncio.gather(*[self.workers[wid].unload_replicas.remote(by_layer(removed))
-                               for wid, removed in change.removed.items() if wid not in leaving])
+                               for wid, removed in change.removed.items() if wid not in leaving],
+                             return_exceptions=True)
         lap("unload")
         for wid in leaving:
             if (handle := self.workers.pop(wid, None)) is not None:
@@ -706,9 +713,11 @@ class Controller:
         _check_routers."""
         if self._recorded is not None:
             back = dataclasses.replace(old, version=new.version + 1)
-            self._recorded = back
-            acks = await self._on_routers("set_plan", back)
-            self._commit(back)
+            self._record(back)  # before any router switches back: a controller dying now recovers to `back`
+            try:
+                acks = await self._on_routers("set_plan", back)
+            finally:
+                self._commit(back)
             self.metrics.plan(back)
             failed = [self.routers[rid].name for rid, ack in acks.items()
                       if isinstance(ack, BaseException) and rid in self.routers]
@@ -802,6 +811,9 @@ class Controller:
                 self._record(new)
                 # A router that fails to switch here is brought to the plan in force by _check_routers.
                 await self._on_routers("set_plan", new)
+            except BaseException:  # cancelled (shutdown): nothing was committed
+                self._recorded = None
+                raise
             finally:
                 self.starting.pop(new_id, None)
             self._commit(new)
