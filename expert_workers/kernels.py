@@ -56,6 +56,14 @@ MOE_DOT_MAX_ROWS = 32
 ONEDNN_ROWS_HINT = 32
 
 
+def onednn_rows(m: int) -> int:
+    """The row count a oneDNN linear of m rows runs at: m padded to a multiple of 8 up to 64, of 64 above.
+    oneDNN (and torch's ideep over it) caches a compiled primitive per shape, about half a MB each, up to
+    1024 of them: without buckets a server seeing many batch sizes and prompt lengths grows by hundreds of
+    MB. Padding costs little: at 16 rows and fewer a linear is bound by its weight's bytes, not its rows."""
+    return -(-m // 8) * 8 if m <= 64 else -(-m // 64) * 64
+
+
 @functools.cache
 def available_backends() -> tuple[str, ...]:
     """What the built kernels can run in this process: some of "amx", "dot:bfloat16", "dot:float32"."""
@@ -173,8 +181,11 @@ def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor |
         if w.backend == "amx":  # packed: no torch op reads it; compute in its dtype
             return linear(x.to(w.weight.dtype), w, bias).to(x.dtype)
         if w.onednn is not None and x.dtype == w.weight.dtype:
-            y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w.onednn, bias, "none", [], "")  # [M, N]
-            return y.view(*x.shape[:-1], w.out_features)
+            m, padded = rows.shape[0], onednn_rows(rows.shape[0])
+            if padded != m:
+                rows = torch.cat([rows, rows.new_zeros(padded - m, rows.shape[1])])  # [padded, K]
+            y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w.onednn, bias, "none", [], "")  # [padded, N]
+            return y[:m].view(*x.shape[:-1], w.out_features)
         return F.linear(x, w.weight, bias)
     y = torch.ops.moe_serve_cpu.linear(rows, w.weight, w.backend).view(*x.shape[:-1], w.out_features)
     return y if bias is None else y + bias

@@ -11,8 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# oneDNN, and torch's ideep over it, keep a compiled primitive per GEMM shape (about half a MB each, up to 1024
+# of each by default). The fuzz test's memory bound looks for leaks across hundreds of requests of random
+# lengths; the caches would pass for one. Read when oneDNN first runs, so set before torch computes anything.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests start many clusters: their routers' OpenAI HTTP servers take free ports rather than the default 8000
 # (a test that wants a given port says so in its ClusterSettings).
