@@ -23,16 +23,16 @@ is logged and plain torch serves: slower, the same outputs within floating-point
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from expert_workers import native
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def available_backends() -> tuple[str, ...]:
     if platform.machine() not in ("x86_64", "AMD64"):
         log.info("moe-serve CPU kernels: none for %s; plain torch computes", platform.machine())
         return ()
-    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    missing = native.missing_toolchain()
     if missing:
         log.warning("moe-serve CPU kernels unavailable (no %s on PATH); plain torch computes, more slowly",
                     " or ".join(missing))
@@ -88,14 +88,10 @@ def available_backends() -> tuple[str, ...]:
 
 def _build() -> None:
     """Compile (or reuse from the torch extensions cache) and load the kernels for this CPU."""
-    from torch.utils.cpp_extension import load
-
     # -march=native makes the binary specific to this CPU, so the cache key includes its flags.
     march = os.environ.get(MARCH_ENV, "native")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
-                         + march.encode()).hexdigest()[:12]
-    load(name=f"moe_serve_cpu_{key}", sources=[str(SOURCE)], is_python_module=False,
-         extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    native.build("moe_serve_cpu", SOURCE.name, ["-O3", f"-march={march}", "-fopenmp"], ["-fopenmp"],
+                 key=_cpu_flags())
 
 
 def _cpu_flags() -> str:

@@ -11,11 +11,16 @@ Response: header RSP (status, T, H, dtype code)   | out [T, H]    (status != 0: 
 hidden, weight and out are in the compute dtype the code names. The 4-byte fields come first so that
 every tensor of a request starts at a multiple of its element size and is read in place: each end
 receives a message's body into one buffer per connection, reused (`ReceiveBuffer`).
+
+Each message end runs as one C++ op (`csrc/wire.cpp`, built on first use) that packs or parses the header
+and moves the bytes with the GIL released; the Python functions here carry the same bytes where it cannot
+be built, or with MOE_SERVE_NATIVE_WIRE=0.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import socket
@@ -32,6 +37,7 @@ RSP = struct.Struct("<4siiiB")  # magic, status, T (or message bytes), H, dtype 
 MAGIC_REQ, MAGIC_RSP = b"MSRQ", b"MSRP"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+NATIVE_ENV = "MOE_SERVE_NATIVE_WIRE"  # "0": Python's socket calls only
 
 
 class WireError(ConnectionError):
@@ -47,6 +53,53 @@ class WorkerError(RuntimeError):
 
     Every transport returns it for such an answer (socket, collective link, Ray call alike). The worker
     is alive and its connection keeps serving: the request failed, not the worker."""
+
+
+@functools.cache
+def native_ops():
+    """The C++ wire ops (torch.ops.moe_serve_wire), built on first use; None where they cannot be (no
+    compiler, a failed build, MOE_SERVE_NATIVE_WIRE=0): the Python functions then carry the same bytes."""
+    from expert_workers import native
+
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    missing = native.missing_toolchain()
+    if missing:
+        log.info("moe-serve native wire unavailable (no %s on PATH); Python carries the bytes", " or ".join(missing))
+        return None
+    try:
+        native.build("moe_serve_wire", "wire.cpp", ["-O2"])
+        return torch.ops.moe_serve_wire
+    except Exception as err:  # a failed build must not stop serving
+        log.warning("moe-serve native wire failed to build (%s); Python carries the bytes",
+                    str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
+        return None
+
+
+def _native(op, *args):
+    """Run a wire op, raising what the Python path raises for the same failure (csrc/wire.cpp's kinds)."""
+    try:
+        return op(*args)
+    except RuntimeError as err:
+        text = str(err).split("\n", 1)[0]
+        kind, _, rest = text.partition(":")
+        rest = rest.strip()
+        if kind == "wire-closed":
+            raise WireError(rest) from None
+        if kind == "wire-timeout":
+            raise TimeoutError(rest) from None
+        if kind == "wire-protocol":
+            raise ProtocolError(rest) from None
+        if kind == "wire-os":
+            code, _, message = rest.partition(":")
+            raise OSError(int(code), message.strip()) from None
+        raise
+
+
+def _timeout(sock: socket.socket) -> float:
+    """The socket's timeout for the C++ ops: seconds, or -1 for none."""
+    t = sock.gettimeout()
+    return -1.0 if t is None else t
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
@@ -87,6 +140,7 @@ class ReceiveBuffer:
     def __init__(self):
         self._bytes = bytearray()
         self._view = memoryview(self._bytes)
+        self.tensor = torch.empty(0, dtype=torch.uint8)  # the C++ ops' memory (they grow it, returning the new one)
 
     def recv(self, sock: socket.socket, layout: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
         """The stream's next tensors, of these dtypes and shapes, back to back: views into this buffer."""
@@ -119,9 +173,21 @@ def send_all(sock: socket.socket, parts: list) -> None:
                 sent = 0
 
 
+def request_bytes(T: int, P: int, H: int, dtype: torch.dtype) -> int:
+    """Bytes of a request of T rows and P pairs on the wire."""
+    return REQ.size + 8 * P + (T * H + P) * dtype.itemsize
+
+
+def response_bytes(T: int, H: int, dtype: torch.dtype) -> int:
+    """Bytes of a reply of T rows on the wire."""
+    return RSP.size + T * H * dtype.itemsize
+
+
 def send_request(sock, layer: int, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
                  weight: torch.Tensor) -> None:
     """hidden [T, H] in the compute dtype; token (index into hidden's rows), expert, weight [P]."""
+    if (ops := native_ops()) is not None:
+        return _native(ops.send_request, sock.fileno(), _timeout(sock), layer, hidden, token, expert, weight)
     T, H = hidden.shape
     P = token.numel()
     header = REQ.pack(MAGIC_REQ, layer, T, P, H, DTYPE_CODES[hidden.dtype])
@@ -135,6 +201,10 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def recv_request(sock, buffer: ReceiveBuffer) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(layer, hidden [T, H], token [P] i32, expert [P] i32, weight [P]): views into buffer."""
+    if (ops := native_ops()) is not None:
+        layer, hidden, token, expert, weight, buffer.tensor = _native(ops.recv_request, sock.fileno(), _timeout(sock),
+                                                                      buffer.tensor)
+        return layer, hidden, token, expert, weight
     magic, layer, T, P, H, code = REQ.unpack(recv_exact(sock, REQ.size))
     if magic != MAGIC_REQ or code not in CODE_DTYPES:
         raise ProtocolError(f"bad request header: magic {magic!r}, dtype code {code}")
@@ -149,6 +219,10 @@ def recv_response(sock, out: torch.Tensor | None = None) -> torch.Tensor:
     request's shape and dtype), else into a new tensor."""
     if out is not None and (not out.is_contiguous() or out.device.type != "cpu"):
         raise ValueError("recv_response: out must be a contiguous CPU tensor")
+    if out is not None and (ops := native_ops()) is not None:
+        if error := _native(ops.recv_response, sock.fileno(), _timeout(sock), out):
+            raise WorkerError(f"expert worker error: {error}")
+        return out
     magic, status, T, H, code = RSP.unpack(recv_exact(sock, RSP.size))
     if magic != MAGIC_RSP:
         raise ProtocolError(f"bad response magic {magic!r}")
@@ -163,6 +237,19 @@ def recv_response(sock, out: torch.Tensor | None = None) -> torch.Tensor:
         raise ProtocolError(f"reply of [{T}, {H}] {CODE_DTYPES[code]} for a request of {list(out.shape)} {out.dtype}")
     recv_into(sock, as_bytes(out))
     return out
+
+
+def send_response(sock, out: torch.Tensor) -> None:
+    """A reply: out [T, H] in the compute dtype."""
+    if (ops := native_ops()) is not None:
+        return _native(ops.send_response, sock.fileno(), _timeout(sock), out)
+    send_all(sock, [RSP.pack(MAGIC_RSP, 0, out.shape[0], out.shape[1], DTYPE_CODES[out.dtype]), as_bytes(out)])
+
+
+def send_error(sock, message: str) -> None:
+    """A reply that fails the request with this message (the connection keeps serving)."""
+    data = message.encode()
+    send_all(sock, [RSP.pack(MAGIC_RSP, 1, len(data), 0, 0), data])
 
 
 Handler = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -205,12 +292,13 @@ class ExpertServer:
                 except (WireError, OSError):  # the router closed the connection, or it broke
                     return
                 try:
-                    out = self.handler(layer, hidden, token, expert, weight)
-                    send_all(conn, [RSP.pack(MAGIC_RSP, 0, out.shape[0], out.shape[1], DTYPE_CODES[out.dtype]),
-                                    as_bytes(out)])
-                except Exception as err:  # report to the router; keep serving
-                    message = f"{type(err).__name__}: {err}".encode()
-                    send_all(conn, [RSP.pack(MAGIC_RSP, 1, len(message), 0, 0), message])
+                    out, error = self.handler(layer, hidden, token, expert, weight), None
+                except Exception as err:  # reported to the router; the connection keeps serving
+                    out, error = None, f"{type(err).__name__}: {err}"
+                try:
+                    send_response(conn, out) if error is None else send_error(conn, error)
+                except OSError:  # the router went away mid-reply
+                    return
 
     def close(self) -> None:
         self._closed = True

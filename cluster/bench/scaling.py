@@ -43,7 +43,6 @@ import socket
 import statistics
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,8 +54,8 @@ from cluster.planner import (PlannerInput, balancedness, eplb_plan, expert_group
                              migration_aware_plan, plan_change, plan_group_spread, spread_over_domains,
                              workers_visited_per_token)
 from expert_workers.spec import ModelSpec, spec_from_config
-from expert_workers.wire import DTYPE_CODES, MAGIC_RSP, RSP, ReceiveBuffer, as_bytes, recv_request, recv_response, \
-    send_all, send_request
+from expert_workers import wire
+from expert_workers.wire import ReceiveBuffer, recv_request, recv_response, send_request, send_response
 from router_service.cluster_dispatch import plan_dispatch
 from router_service.model import MICRO_BATCH_MIN_TOKENS, limit_to_groups
 from router_service.placement import PlacementPlan, ReplicaTable, WorkerPlacement
@@ -197,34 +196,14 @@ class Routing:
 # --- wire bytes -------------------------------------------------------------------------------------
 
 
-class CountingSocket:
-    """Stands in for a socket: counts what send_all would write (sendmsg of the gathered views)."""
-
-    def __init__(self):
-        self.bytes = 0
-
-    def sendmsg(self, views) -> int:
-        n = sum(len(v) for v in views)
-        self.bytes += n
-        return n
-
-
-@lru_cache(maxsize=None)
 def request_bytes(rows: int, pairs: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of one dispatch request on the socket wire, as send_request writes it."""
-    sock = CountingSocket()
-    send_request(sock, 1, torch.empty(rows, hidden, dtype=dtype), torch.zeros(pairs, dtype=torch.int32),
-                 torch.zeros(pairs, dtype=torch.int32), torch.zeros(pairs, dtype=dtype))
-    return sock.bytes
+    """Bytes of one dispatch request on the socket wire."""
+    return wire.request_bytes(rows, pairs, hidden, dtype)
 
 
-@lru_cache(maxsize=None)
 def reply_bytes(rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of one reply, framed as ExpertServer._serve frames it (RSP header, out [T, H])."""
-    sock = CountingSocket()
-    out = torch.empty(rows, hidden, dtype=dtype)
-    send_all(sock, [RSP.pack(MAGIC_RSP, 0, rows, hidden, DTYPE_CODES[dtype]), as_bytes(out)])
-    return sock.bytes
+    """Bytes of one reply on the socket wire."""
+    return wire.response_bytes(rows, hidden, dtype)
 
 
 def collective_bytes(rows: int, pairs: int, hidden: int, element: int = 2) -> tuple[int, int]:
@@ -467,7 +446,7 @@ def wire_round_trips(sizes: list[tuple[int, int]], hidden: int, reps: int) -> li
                     _, h, _, _, _ = recv_request(b, buffer)
                 except Exception:
                     return
-                send_all(b, [RSP.pack(MAGIC_RSP, 0, h.shape[0], h.shape[1], DTYPE_CODES[h.dtype]), as_bytes(h)])
+                send_response(b, h)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

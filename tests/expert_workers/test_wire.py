@@ -1,4 +1,7 @@
-"""The fast data plane's wire format: a real ExpertServer on a Unix socket and on TCP loopback, no Ray."""
+"""The fast data plane's wire format: a real ExpertServer on a Unix socket and on TCP loopback, no Ray.
+
+Every test runs twice: with the C++ wire ops (csrc/wire.cpp) and with the Python functions that stand in
+for them where they cannot be built; the interoperability tests put one at each end of a socket."""
 
 from __future__ import annotations
 
@@ -7,10 +10,36 @@ import socket
 import pytest
 import torch
 
+from expert_workers import native, wire
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.experts import ExpertGroup
-from expert_workers.wire import (ExpertServer, ProtocolError, ReceiveBuffer, WorkerError, recv_request, recv_response,
-                                 send_request)
+from expert_workers.wire import (ExpertServer, ProtocolError, ReceiveBuffer, WireError, WorkerError, recv_request,
+                                 recv_response, send_request)
+
+
+_BUILT_OPS = wire.native_ops  # the real loader, kept before any test patches it
+
+
+def _python_wire(monkeypatch):
+    monkeypatch.setattr(wire, "native_ops", lambda: None)
+
+
+def _native_ops():
+    if native.missing_toolchain():
+        pytest.skip(f"no {' or '.join(native.missing_toolchain())} to build the C++ wire ops")
+    ops = _BUILT_OPS()
+    assert ops is not None, "the C++ wire ops failed to build (see the log)"
+    return ops
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def wire_path(request, monkeypatch):
+    """Which implementation carries the bytes at both ends, server threads included."""
+    if request.param == "python":
+        _python_wire(monkeypatch)
+    else:
+        _native_ops()
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +144,57 @@ def test_reply_is_received_into_the_callers_buffer(group, server):
         send_request(sock, 1, hidden, token, expert, weight)
         with pytest.raises(ProtocolError, match=r"reply of \[3, 64\].*for a request of \[2, 64\]"):
             recv_response(sock, torch.empty(2, H))
+
+
+def _request():
+    hidden = torch.randn(5, 16).to(torch.bfloat16)
+    token = torch.tensor([0, 1, 1, 4], dtype=torch.int32)
+    expert = torch.tensor([3, 0, 2, 3], dtype=torch.int32)
+    weight = torch.tensor([0.5, 0.25, 0.125, 1.0]).to(torch.bfloat16)
+    return hidden, token, expert, weight
+
+
+@pytest.mark.parametrize("sender", ["native", "python"])
+def test_each_implementation_reads_the_others_bytes(monkeypatch, wire_path, sender):
+    """A C++ end and a Python end of one connection understand each other, both ways, errors included."""
+    ops = _native_ops()
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        hidden, token, expert, weight = _request()
+
+        def as_sender(fn, *args):
+            with monkeypatch.context() as m:
+                if sender == "python":
+                    _python_wire(m)
+                else:
+                    m.setattr(wire, "native_ops", lambda: ops)
+                return fn(*args)
+
+        # the receiving end is wire_path's; the sending end is `sender`
+        as_sender(send_request, a, 3, hidden, token, expert, weight)
+        layer, h, t, e, w = recv_request(b, ReceiveBuffer())
+        assert (layer, h.tolist(), t.tolist(), e.tolist(), w.tolist()) == (3, hidden.tolist(), token.tolist(),
+                                                                           expert.tolist(), weight.tolist())
+        as_sender(wire.send_response, b, h * 2)
+        out = torch.empty(5, 16, dtype=torch.bfloat16)
+        assert recv_response(a, out) is out and torch.equal(out, hidden * 2)
+        as_sender(wire.send_error, b, "KeyError: layer 3: experts [9] are not hosted here")
+        with pytest.raises(WorkerError, match=r"experts \[9\] are not hosted"):
+            recv_response(a, out)
+        assert wire.request_bytes(5, 4, 16, torch.bfloat16) == wire.REQ.size + 8 * 4 + (5 * 16 + 4) * 2
+
+
+def test_a_silent_or_closed_peer_fails_the_call_as_the_transports_expect():
+    """Timeouts raise TimeoutError, a closed peer WireError, bad bytes ProtocolError: both implementations."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    a.settimeout(0.2)
+    out = torch.empty(1, 4)
+    with a:
+        with pytest.raises(TimeoutError):
+            recv_response(a, out)
+        b.sendall(b"XXXX" + bytes(13))
+        with pytest.raises(ProtocolError, match="magic"):
+            recv_response(a, out)
+        b.close()
+        with pytest.raises(WireError, match="closed"):
+            recv_response(a, out)
