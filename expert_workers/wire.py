@@ -83,17 +83,25 @@ def _native(op, *args):
     except RuntimeError as err:
         text = str(err).split("\n", 1)[0]
         kind, _, rest = text.partition(":")
-        rest = rest.strip()
-        if kind == "wire-closed":
-            raise WireError(rest) from None
-        if kind == "wire-timeout":
-            raise TimeoutError(rest) from None
-        if kind == "wire-protocol":
-            raise ProtocolError(rest) from None
-        if kind == "wire-os":
-            code, _, message = rest.partition(":")
-            raise OSError(int(code), message.strip()) from None
+        if kind in ("wire-closed", "wire-timeout", "wire-protocol", "wire-os"):
+            raise _failure(text) from None
         raise
+
+
+def _failure(text: str) -> BaseException:
+    """The exception the Python path raises for a batch op's failure text (csrc/wire.cpp's kinds)."""
+    kind, _, rest = text.partition(":")
+    rest = rest.strip()
+    if kind == "worker":
+        return WorkerError(f"expert worker error: {rest}")
+    if kind == "wire-closed":
+        return WireError(rest)
+    if kind == "wire-timeout":
+        return TimeoutError(rest)
+    if kind == "wire-os":
+        code, _, message = rest.partition(":")
+        return OSError(int(code), message.strip())
+    return ProtocolError(rest)
 
 
 def _timeout(sock: socket.socket) -> float:
@@ -237,6 +245,41 @@ def recv_response(sock, out: torch.Tensor | None = None) -> torch.Tensor:
         raise ProtocolError(f"reply of [{T}, {H}] {CODE_DTYPES[code]} for a request of {list(out.shape)} {out.dtype}")
     recv_into(sock, as_bytes(out))
     return out
+
+
+def send_requests(socks: list, layer: int, hidden: list[torch.Tensor], token: list[torch.Tensor],
+                  expert: list[torch.Tensor], weight: list[torch.Tensor]) -> list[BaseException | None]:
+    """One layer's requests, one per socket (as send_request each), sent back to back. Per request None once
+    sent, else the exception its send raised; a failed send does not stop the others."""
+    if (ops := native_ops()) is not None:
+        timeout = min((_timeout(s) for s in socks), key=lambda t: t if t >= 0 else float("inf"), default=-1.0)
+        failed = ops.send_requests([s.fileno() for s in socks], timeout, layer, hidden, token, expert, weight)
+        return [_failure(f) if f else None for f in failed]
+    errors: list[BaseException | None] = []
+    for s, h, t, e, w in zip(socks, hidden, token, expert, weight):
+        try:
+            send_request(s, layer, h, t, e, w)
+            errors.append(None)
+        except Exception as err:
+            errors.append(err)
+    return errors
+
+
+def recv_responses(socks: list, outs: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
+    """The reply on each socket into its out (as recv_response each), taken in whatever order they arrive.
+    Per socket its out, a WorkerError (the connection keeps serving) or the exception that made the
+    connection unusable."""
+    if (ops := native_ops()) is not None:
+        timeout = min((_timeout(s) for s in socks), key=lambda t: t if t >= 0 else float("inf"), default=-1.0)
+        failed = ops.recv_responses([s.fileno() for s in socks], timeout, outs)
+        return [_failure(f) if f else out for f, out in zip(failed, outs)]
+    results: list[torch.Tensor | BaseException] = []
+    for s, out in zip(socks, outs):
+        try:
+            results.append(recv_response(s, out))
+        except Exception as err:
+            results.append(err)
+    return results
 
 
 def send_response(sock, out: torch.Tensor) -> None:

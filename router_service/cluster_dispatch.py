@@ -235,7 +235,7 @@ class ClusterDispatcher(ExpertDispatcher):
     def _send(self, layer: int, hidden: torch.Tensor, plan: DispatchPlan) -> _Sent:
         sent = torch.index_select(hidden, 0, plan.all_rows.to(hidden.device)).split(plan.row_counts)  # [T_w, H] each
         replies = self.transport.reply_buffer(len(plan.all_rows), hidden)  # [R, H]
-        messages = []
+        messages, out, requests = [], [], []
         for w, rows, h, token, expert, weight, reply in zip(plan.workers, plan.rows, sent, plan.token, plan.expert,
                                                             plan.weight, replies.split(plan.row_counts)):
             m = _Message(w, rows, token, expert, weight, reply)
@@ -244,11 +244,14 @@ class ClusterDispatcher(ExpertDispatcher):
                 m.done, m.error = True, NoLiveReplica(f"layer {layer}: experts {sorted(set(expert.tolist()))}")
                 continue
             self._drain(w)  # one request in flight per connection (module docstring)
-            try:
-                m.handle = self.transport.submit(w, layer, h, token, expert, weight, reply)
-                self._in_flight[w] = m
-            except Exception as err:  # a dead peer can fail the send already
-                m.done, m.error = True, err
+            out.append(m)
+            requests.append((w, h, token, expert, weight, reply))
+        for m, handle in zip(out, self.transport.submit_all(layer, requests)):  # every request at once
+            if isinstance(handle, BaseException):
+                m.done, m.error = True, handle
+            else:
+                m.handle = handle
+                self._in_flight[m.worker] = m
         return _Sent(plan, replies, messages)
 
     def _drain(self, worker: int) -> None:
@@ -262,25 +265,30 @@ class ClusterDispatcher(ExpertDispatcher):
             self._drain(w)
 
     def _collect(self, m: _Message) -> None:
-        # Out of `_in_flight` before collecting: once collect has read (or failed to read) the reply, nothing may
+        self._collect_all([m])
+
+    def _collect_all(self, messages: list[_Message]) -> None:
+        """Collect these messages' replies (one transport call: they may arrive in any order)."""
+        if not messages:
+            return
+        # Out of `_in_flight` before collecting: once collect has read (or failed to read) a reply, nothing may
         # try to read it again (a later drain would wait on the connection for a reply that never comes).
-        if self._in_flight.get(m.worker) is m:
-            del self._in_flight[m.worker]
-        result = self.transport.collect([m.handle])[0]
-        m.done = True
-        if isinstance(result, BaseException):
-            m.error = result
-        elif result is not m.reply:  # a transport that could not write in place
-            m.reply.copy_(result)
+        for m in messages:
+            if self._in_flight.get(m.worker) is m:
+                del self._in_flight[m.worker]
+        for m, result in zip(messages, self.transport.collect([m.handle for m in messages])):
+            m.done = True
+            if isinstance(result, BaseException):
+                m.error = result
+            elif result is not m.reply:  # a transport that could not write in place
+                m.reply.copy_(result)
 
     def _gather(self, sent: _Sent, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Collect every message's reply and add them into out [T, H] (new if None), returned.
 
         Messages whose call failed are left in `sent.failed`; a worker's error (`WorkerError`) fails the
         step: raised here, after every reply was collected."""
-        for m in sent.messages:
-            if not m.done:  # the rest were collected by _drain, or failed at once
-                self._collect(m)
+        self._collect_all([m for m in sent.messages if not m.done])  # the rest: collected by _drain, or failed
         sent.failed = [m for m in sent.messages if m.error is not None]
         refused = [m for m in sent.failed if isinstance(m.error, WorkerError)]
         if refused:

@@ -26,7 +26,7 @@ import torch
 
 from expert_workers import collective
 from expert_workers.collective import CODE_DTYPES, DTYPE_CODES, Link, LinkError
-from expert_workers.wire import WorkerError, recv_response, send_request
+from expert_workers.wire import WorkerError, recv_response, recv_responses, send_request, send_requests
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ class Transport(ABC):
         """Wait for the calls; outputs [T_w, H] in the same order (each call's `out` where it gave one), or the
         exception of a failed call (a handle that is already an exception, from a failed submit, is passed
         through). Never raises."""
+
+    def submit_all(self, layer: int, requests: list[tuple]) -> list[Any]:
+        """Start one layer's calls at once: requests (worker_id, hidden, token, expert, weight, out) as `submit`
+        takes them, at most one per worker. Returns their handles in order; a call whose start failed gets
+        its exception as its handle (`collect` passes it through)."""
+        handles = []
+        for worker_id, hidden, token, expert, weight, out in requests:
+            try:
+                handles.append(self.submit(worker_id, layer, hidden, token, expert, weight, out))
+            except Exception as err:  # a dead peer can fail the send already
+                handles.append(err)
+        return handles
 
     def reply_buffer(self, rows: int, hidden: torch.Tensor) -> torch.Tensor:
         """Memory for `rows` output rows of hidden's width and dtype where this transport delivers replies:
@@ -200,8 +212,37 @@ class SocketTransport(Transport):
             raise
         return conn, out
 
+    def submit_all(self, layer, requests):
+        # Every request of the layer in one call (wire.send_requests): no Python runs between the first send,
+        # which wakes a worker that may take this core, and the last.
+        handles: list[Any] = []
+        ready = []  # (index, connection, hidden in host memory, request)
+        for worker_id, hidden, token, expert, weight, out in requests:
+            try:
+                conn = self._socks[worker_id]  # KeyError: a worker that could not be connected
+                ready.append((len(handles), conn, conn.host(hidden), token, expert, weight))
+                handles.append((conn, out))
+            except Exception as err:
+                handles.append(err)
+        errors = send_requests([r[1].sock for r in ready], layer, *([r[k] for r in ready] for k in range(2, 6)))
+        for (i, conn, *_), err in zip(ready, errors):
+            if err is not None:
+                conn.sock.close()
+                handles[i] = err
+        return handles
+
     def collect(self, handles):
-        return self._collect_each(handles, self._receive)
+        # Replies into their buffers in whatever order they arrive (wire.recv_responses), where every call has one.
+        live = [i for i, h in enumerate(handles) if not isinstance(h, BaseException)]
+        if any(handles[i][1] is None for i in live):
+            return self._collect_each(handles, self._receive)
+        results = list(handles)
+        got = recv_responses([handles[i][0].sock for i in live], [handles[i][1] for i in live])
+        for i, r in zip(live, got):
+            if isinstance(r, BaseException) and not isinstance(r, WorkerError):
+                handles[i][0].sock.close()  # the stream is unusable from here on
+            results[i] = r
+        return results
 
     @staticmethod
     def _receive(handle: tuple[_Connection, torch.Tensor | None]) -> torch.Tensor | BaseException:

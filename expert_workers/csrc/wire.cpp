@@ -30,6 +30,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -208,9 +209,135 @@ std::string recv_response(int64_t fd, double timeout, const at::Tensor& out) {
   return std::string();
 }
 
+// What a failed message end reports in a batch op: the kind-prefixed message of the error it raised.
+std::string failure(const c10::Error& e) { return e.what_without_backtrace(); }
+
+// Router: one layer's requests, one per connection, sent back to back with no Python between them (the first
+// worker woken cannot delay the others' requests by more than the sends themselves). Returns per request ""
+// once sent, else the failure ("wire-...: ..."); a failed send does not stop the others.
+std::vector<std::string> send_requests(const std::vector<int64_t>& fds, double timeout, int64_t layer,
+                                       const std::vector<at::Tensor>& hidden, const std::vector<at::Tensor>& token,
+                                       const std::vector<at::Tensor>& expert, const std::vector<at::Tensor>& weight) {
+  const size_t n = fds.size();
+  TORCH_CHECK(hidden.size() == n && token.size() == n && expert.size() == n && weight.size() == n,
+              "send_requests: one hidden, token, expert and weight per connection");
+  std::vector<std::string> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      send_request(fds[i], timeout, layer, hidden[i], token[i], expert[i], weight[i]);
+    } catch (const c10::Error& e) {
+      out[i] = failure(e);
+    }
+  }
+  return out;
+}
+
+// Router: the replies to the requests in flight on these connections, each received straight into its out
+// (as recv_response), in whatever order they arrive: one poll() over every connection still owed bytes.
+// Returns per connection "" once its out holds the reply, "worker:" + the message of a worker's error reply
+// (that connection keeps serving), or the failure ("wire-...: ..."; that connection is unusable). With no
+// progress on any connection for `timeout` seconds, those still owed fail with a timeout.
+std::vector<std::string> recv_responses(const std::vector<int64_t>& fds, double timeout,
+                                        const std::vector<at::Tensor>& outs) {
+  const size_t n = fds.size();
+  TORCH_CHECK(outs.size() == n, "recv_responses: one out per connection");
+  struct Pending {
+    char header[kRspHeader];
+    char* at;          // where the next bytes go
+    int64_t left;      // bytes still owed in this part
+    int part = 0;      // 0 header, 1 out, 2 error message
+    std::string message;
+  };
+  std::vector<std::string> result(n);
+  std::vector<Pending> state(n);
+  std::vector<size_t> open;  // indices still owed bytes
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& out = outs[i];
+    if (fds[i] < 0) {
+      result[i] = "wire-os:" + std::to_string(EBADF) + ": recv: " + std::strerror(EBADF);
+      continue;
+    }
+    if (!(out.is_contiguous() && out.device().is_cpu() && out.dim() == 2)) {
+      result[i] = "wire-protocol: recv_responses: out must be a contiguous [T, H] CPU tensor";
+      continue;
+    }
+    state[i].at = state[i].header;
+    state[i].left = kRspHeader;
+    open.push_back(i);
+  }
+  const int ms = timeout < 0 ? -1 : int(timeout * 1000.0 + 0.5);
+  std::vector<pollfd> polls;
+  while (!open.empty()) {
+    polls.clear();
+    for (size_t i : open) polls.push_back({int(fds[i]), POLLIN, 0});
+    const int r = poll(polls.data(), polls.size(), ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const std::string why = r == 0 ? "wire-timeout: no progress on the connection for " + std::to_string(timeout) + " s"
+                                     : "wire-os:" + std::to_string(errno) + ": poll: " + std::strerror(errno);
+      for (size_t i : open) result[i] = why;
+      break;
+    }
+    std::vector<size_t> still;
+    for (size_t j = 0; j < open.size(); ++j) {
+      const size_t i = open[j];
+      Pending& p = state[i];
+      bool done = false;
+      if (polls[j].revents) {
+        const ssize_t k = p.left > 0 ? recv(int(fds[i]), p.at, size_t(p.left), MSG_DONTWAIT) : 0;
+        if (k > 0) {
+          p.at += k;
+          p.left -= k;
+        } else if (p.left > 0 && k == 0) {
+          result[i] = "wire-closed: connection closed by peer";
+          done = true;
+        } else if (p.left > 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+          result[i] = "wire-os:" + std::to_string(errno) + ": recv: " + std::strerror(errno);
+          done = true;
+        }
+        while (!done && p.left == 0) {  // a part is complete: on to the next (an empty part completes at once)
+          if (p.part == 0) {
+            const at::Tensor& out = outs[i];
+            const int32_t status = read_i32(p.header + 4), T = read_i32(p.header + 8), H = read_i32(p.header + 12);
+            if (std::memcmp(p.header, kMagicRsp, 4) != 0) {
+              result[i] = "wire-protocol: bad response magic";
+              done = true;
+            } else if (status != 0) {
+              p.part = 2;
+              p.message.assign(size_t(std::max(T, 0)), '\0');
+              p.at = p.message.data();
+              p.left = int64_t(p.message.size());
+            } else {
+              const int8_t code = int8_t(p.header[16]);
+              if (code < 0 || code > 2 || T != out.size(0) || H != out.size(1) || dtype_of(code) != out.scalar_type()) {
+                result[i] = "wire-protocol: reply of [" + std::to_string(T) + ", " + std::to_string(H) +
+                            "] for a request of a different shape or dtype";
+                done = true;
+              } else {
+                p.part = 1;
+                p.at = static_cast<char*>(out.data_ptr());
+                p.left = int64_t(out.nbytes());
+              }
+            }
+          } else {
+            if (p.part == 2) result[i] = "worker:" + (p.message.empty() ? std::string("expert worker error") : p.message);
+            done = true;
+          }
+        }
+      }
+      if (!done) still.push_back(i);
+    }
+    open.swap(still);
+  }
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_serve_wire, m) {
+  m.def("send_requests(int[] fds, float timeout, int layer, Tensor[] hidden, Tensor[] token, Tensor[] expert, "
+        "Tensor[] weight) -> str[]", &send_requests);
+  m.def("recv_responses(int[] fds, float timeout, Tensor[] outs) -> str[]", &recv_responses);
   m.def("send_request(int fd, float timeout, int layer, Tensor hidden, Tensor token, Tensor expert, Tensor weight) -> ()",
         &send_request);
   m.def("recv_request(int fd, float timeout, Tensor buffer) -> (int, Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -198,3 +198,31 @@ def test_a_silent_or_closed_peer_fails_the_call_as_the_transports_expect():
         b.close()
         with pytest.raises(WireError, match="closed"):
             recv_response(a, out)
+
+
+def test_one_layers_requests_go_and_come_back_together_each_failing_on_its_own(group, server):
+    """send_requests / recv_responses: three connections; one request names an expert not hosted (a worker
+    error: its connection keeps serving), one peer has closed; the others' replies land in their buffers."""
+    H = 64
+    hidden = [torch.randn(T, H, generator=torch.Generator().manual_seed(T)) for T in (3, 5)]
+    pairs = [_pairs(3, [0, 2, 5], seed=5), _pairs(5, [0, 2, 5], seed=6)]
+    dead, gone = socket.socketpair(socket.AF_UNIX)
+    gone.close()
+    with _connect(server, "unix") as a, _connect(server, "tcp") as b, dead:
+        bad = (torch.tensor([0]), torch.tensor([7]), torch.tensor([1.0]))  # expert 7 is not hosted
+        socks = [a, b, dead]
+        errors = wire.send_requests(socks, 1, [hidden[0], hidden[1][:1], hidden[1]],
+                                    [pairs[0][0], bad[0], pairs[1][0]], [pairs[0][1], bad[1], pairs[1][1]],
+                                    [pairs[0][2], bad[2], pairs[1][2]])
+        assert errors[:2] == [None, None] and isinstance(errors[2], OSError)
+        outs = [torch.empty(3, H), torch.empty(1, H)]
+        got = wire.recv_responses([a, b], outs)
+        assert got[0] is outs[0]
+        torch.testing.assert_close(outs[0], group.run(1, hidden[0], *pairs[0]), rtol=0, atol=0)
+        assert isinstance(got[1], WorkerError) and "experts [7] are not hosted" in str(got[1])
+        # the worker's error left b serving
+        assert wire.send_requests([b], 1, [hidden[1]], *([p] for p in pairs[1])) == [None]
+        out = torch.empty(5, H)
+        assert wire.recv_responses([b], [out]) == [out]
+        torch.testing.assert_close(out, group.run(1, hidden[1], *pairs[1]), rtol=0, atol=0)
+        assert isinstance(wire.recv_responses([dead], [torch.empty(1, H)])[0], WireError)
