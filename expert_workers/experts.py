@@ -47,7 +47,7 @@ class LayerExperts:
     row table is immutable: a change publishes a new LayerExperts over the same tensors.
     """
 
-    gate_up: torch.Tensor  # [R, 2I, H], R rows >= n hosted; packed per row for the amx kernel (kernels.prepare_experts)
+    gate_up: torch.Tensor  # [R, 2I, H], R rows >= n hosted; packed per row for amx and fma (kernels.prepare_experts)
     down: torch.Tensor  # [R, H, I]; likewise
     slot: torch.Tensor  # [E] long: row of each logical expert, -1 where not hosted
     backend: str | None = None  # the CPU kernel these weights are laid out for; None: plain torch
@@ -208,7 +208,7 @@ class ExpertGroup:
         if int(rows.min()) < 0:
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
-        if le.backend == "amx":  # the fused kernel
+        if le.backend in ("amx", "fma"):  # packed weights: the fused kernel, at any row count
             return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
         counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
         if le.backend == "dot" and int(counts.max()) <= kernels.MOE_DOT_MAX_ROWS:  # fused: decode

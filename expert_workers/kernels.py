@@ -7,8 +7,10 @@ the CPU they run on and used where they apply:
 
     backend  dtype            weights                              rows per call
     amx      bf16 (AMX CPUs)  prepacked once into VNNI tiles        any
-    dot      bf16 with AVX512-BF16, or fp32 with AVX-512 / AVX2     at most DOT_MAX_ROWS; a linear of more
-                              (and a oneDNN-prepacked copy)        rows runs torch's oneDNN linear on the copy
+    fma      fp32 (AVX-512 or AVX2 with FMA)  prepacked once into  any
+                              panels of 16 output features
+    dot      bf16 with AVX512-BF16; fp32 weights that do not fit    at most DOT_MAX_ROWS; a linear of more
+             panels           (and a oneDNN-prepacked copy)        rows runs torch's oneDNN linear on the copy
     torch    anything else, GPUs, or when the build is unavailable  any
 
 Weights of a linear go through `prepare_linear` once after loading, stacked routed experts through
@@ -66,7 +68,7 @@ def onednn_rows(m: int) -> int:
 
 @functools.cache
 def available_backends() -> tuple[str, ...]:
-    """What the built kernels can run in this process: some of "amx", "dot:bfloat16", "dot:float32"."""
+    """What the built kernels can run in this process: some of "amx", "fma", "dot:bfloat16", "dot:float32"."""
     if os.environ.get(ENV, "auto") == "torch":
         return ()
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -111,6 +113,8 @@ def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
     backends = available_backends()
     if dtype == torch.bfloat16 and "amx" in backends:
         return "amx"
+    if dtype == torch.float32 and "fma" in backends:
+        return "fma"
     name = {torch.bfloat16: "dot:bfloat16", torch.float32: "dot:float32"}.get(dtype)
     return "dot" if name in backends else None
 
@@ -124,8 +128,23 @@ def pack_amx(w: torch.Tensor) -> torch.Tensor:
     return tiles.permute(*range(d), d, d + 2, d + 3, d + 1, d + 4).reshape(*lead, N // 16, K // 32, 16, 32).contiguous()
 
 
-def _amx_fits(w: torch.Tensor) -> bool:
-    return w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """[..., N, K] fp32 -> panels [..., N/16, K, 16]: line k of panel nb holds w[16 nb + c, k] for c in 0..15,
+    the 16 outputs one broadcast input element feeds (the fma kernel). Leading dims (a stack of experts) stay."""
+    *lead, N, K = w.shape
+    return w.reshape(*lead, N // 16, 16, K).transpose(-1, -2).contiguous()
+
+
+def _fits(backend: str, w: torch.Tensor) -> bool:
+    """Whether w [..., N, K] packs for `backend` (dot takes any shape)."""
+    if backend == "amx":
+        return w.shape[-2] % 16 == 0 and w.shape[-1] % 32 == 0
+    if backend == "fma":
+        return w.shape[-2] % 16 == 0
+    return True
+
+
+_PACK = {"amx": pack_amx, "fma": pack_panels}
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,7 @@ class LinearWeight:
     """A linear's weight made ready once for its backend: `weight` is [N, K], or packed tiles for amx."""
 
     weight: torch.Tensor
-    backend: str  # "amx" or "dot"
+    backend: str  # "amx", "fma" or "dot"
     out_features: int
     # dot: the same weight in oneDNN's own blocked layout, for calls of more than DOT_MAX_ROWS rows, where
     # torch's F.linear would re-lay the plain weight out on every call (twice as slow at 16 to 64 rows).
@@ -150,10 +169,12 @@ def prepare_linear(w: torch.Tensor | LinearWeight) -> torch.Tensor | LinearWeigh
     if isinstance(w, LinearWeight):
         return w
     backend = backend_for(w.dtype, w.device)
-    if backend is None or (backend == "amx" and not _amx_fits(w)):
+    if backend == "fma" and not _fits(backend, w):
+        backend = "dot"  # the same fp32 kernels' unpacked form
+    if backend is None or not _fits(backend, w):
         return w
-    if backend == "amx":
-        return LinearWeight(pack_amx(w), backend, w.shape[0])
+    if backend in _PACK:
+        return LinearWeight(_PACK[backend](w), backend, w.shape[0])
     return LinearWeight(w.contiguous(), backend, w.shape[0], _onednn_pack(w))
 
 
@@ -174,7 +195,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor |
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if x.dtype != w.weight.dtype or (w.backend == "dot" and rows.shape[0] > DOT_MAX_ROWS):
-        if w.backend == "amx":  # packed: no torch op reads it; compute in its dtype
+        if w.backend in _PACK:  # packed: no torch op reads it; compute in its dtype
             return linear(x.to(w.weight.dtype), w, bias).to(x.dtype)
         if w.onednn is not None and x.dtype == w.weight.dtype:
             m, padded = rows.shape[0], onednn_rows(rows.shape[0])
@@ -189,13 +210,16 @@ def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor |
 
 def prepare_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """Stacked experts gate_up [n, 2I, H], down [n, H, I] in the layout of the backend here, and that backend.
-    amx packs each expert's matrices into tiles ([n, 2I/16, H/32, 16, 32], [n, H/16, I/32, 16, 32]); row
-    operations along dim 0 (select, stack, cat) keep working on the packed form."""
+    amx packs each expert's matrices into tiles ([n, 2I/16, H/32, 16, 32], [n, H/16, I/32, 16, 32]), fma into
+    panels ([n, 2I/16, H, 16], [n, H/16, I, 16]); row operations along dim 0 (select, stack, cat) keep working
+    on the packed forms."""
     backend = backend_for(gate_up.dtype, gate_up.device)
-    if backend == "amx":
-        if not (_amx_fits(gate_up) and _amx_fits(down)):
+    if backend == "fma" and not (_fits(backend, gate_up) and _fits(backend, down)):
+        backend = "dot"
+    if backend in _PACK:
+        if not (_fits(backend, gate_up) and _fits(backend, down)):
             return gate_up, down, None
-        return pack_amx(gate_up), pack_amx(down), backend
+        return _PACK[backend](gate_up), _PACK[backend](down), backend
     return gate_up, down, backend
 
 

@@ -4,8 +4,10 @@
 // general GEMMs reach a third to a half of the memory bandwidth at such shapes (docs/kernels.md), so the
 // matmuls are written here as two backends chosen per CPU when this file is built:
 //   amx   bf16 on AMX: weights prepacked once into VNNI tiles (kernels.pack_amx), any number of rows;
+//   fma   fp32 on AVX-512 or AVX2+FMA: weights prepacked once into panels of 16 output features
+//         (kernels.pack_panels), multiplied as outer products of broadcast token elements, any number of rows;
 //   dot   register-tiled dot products of token rows with unpacked weight rows, fp32 accumulation:
-//         bf16 x bf16 with AVX512-BF16 (vdpbf16ps), fp32 x fp32 with AVX-512 or AVX2+FMA. Compute-bound
+//         bf16 x bf16 with AVX512-BF16 (vdpbf16ps), and fp32 weights that do not fit panels. Compute-bound
 //         past a few rows, so the Python side uses it for small batches only.
 // Threads split output columns through torch's intra-op pool (at::parallel_for): no second runtime.
 //
@@ -178,6 +180,65 @@ void dot_rows(const T* const* x, int64_t M, const T* w, int64_t K, int64_t n0, i
 
 
 
+// ---- fma (fp32 panels) --------------------------------------------------------------------------------
+//
+// Weights are prepacked once (kernels.pack_panels) from W [N, K] into panels [N/16, K, 16]: line k of panel nb
+// holds W[16 nb + c][k] for c < 16, one cache line. Each element x[m][k] of a token row is broadcast and
+// multiplied into a whole line: an outer product, so the accumulators are outputs (no horizontal sums at the
+// end), a panel is one sequential stream, and FR token rows share each loaded line. The register block is
+// FR rows x 16 outputs (12 accumulators, plus the line and a broadcast: 15 of 16 ymm registers on AVX2), the
+// shape a BLAS uses for its own fp32 GEMM on these ISAs, so many rows (prefill) run near the FMA peak too.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr int PV = 16 / W;         // vectors per panel line: 2 on AVX2, 1 on AVX-512
+constexpr int FR = 12 / PV;        // token rows per register block: 6 on AVX2, 12 on AVX-512
+constexpr int64_t PANEL_PF = 32;   // panel lines fetched ahead into L2 (2 KB): more lines in flight than L1 asks for
+
+// out[m * ld + c] (c < 16) = x_m . W[16 nb + c] for m < mr, p: panel nb.
+template <int mr>
+inline void panel_block(const float* const* x, const float* p, int64_t K, bool fetch, float* out, int64_t ld) {
+  vec acc[mr][PV];
+  _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m)
+    _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) acc[m][v] = vzero();
+  const float* xr[mr];
+  _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m) xr[m] = x[m];
+  for (int64_t k = 0; k < K; ++k) {
+    const float* line = p + k * 16;
+    if (fetch) _mm_prefetch(reinterpret_cast<const char*>(line + PANEL_PF * 16), _MM_HINT_T1);
+    vec wv[PV];
+    _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) wv[v] = vload(line + v * W);
+    _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m) {
+      const vec xb = vset1(xr[m][k]);
+      _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) acc[m][v] = vfma(xb, wv[v], acc[m][v]);
+    }
+  }
+  _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m)
+    _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) vstore(out + m * ld + v * W, acc[m][v]);
+}
+
+// out[m * ld + j] for m < M and the output features j of panels [nb0, nb1); w packed [N/16, K, 16].
+void panel_columns(const float* const* x, int64_t M, const float* w, int64_t K, int64_t nb0, int64_t nb1, float* out,
+                   int64_t ld) {
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const float* p = w + nb * K * 16;
+    // Row blocks after the first find the panel in L2 (48 KB at K = 768); only the first fetches ahead.
+    for (int64_t m0 = 0; m0 < M; m0 += FR) {
+      const int64_t mr = std::min<int64_t>(FR, M - m0);
+      float* o = out + m0 * ld + nb * 16;
+      const bool fetch = m0 == 0;
+#define BLOCK(k) \
+  case k:        \
+    if constexpr (k <= FR) panel_block<k>(x + m0, p, K, fetch, o, ld); \
+    break;
+      switch (mr) { BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) BLOCK(9) BLOCK(10) BLOCK(11) BLOCK(12) }
+#undef BLOCK
+    }
+  }
+}
+#else
+void panel_columns(const float* const*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
+#endif
+
+
 template <typename T>
 const T* data(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
 
@@ -285,9 +346,9 @@ constexpr bool kHasAmx = false;
 bool amx_permitted() { return false; }
 #endif
 
-// The two backends behind one call: out[m * ld + j] = x_m . w_j for m < M and output features j in
-// [j0, j1) (multiples of 16 on amx). x: M row pointers (dot), or a padded block at x[0] (amx).
-enum class Backend { amx, dot };
+// The three backends behind one call: out[m * ld + j] = x_m . w_j for m < M and output features j in
+// [j0, j1) (multiples of 16 on amx and fma). x: M row pointers (dot, fma), or a padded block at x[0] (amx).
+enum class Backend { amx, fma, dot };
 
 template <typename T>
 void matmul_columns(Backend b, const T* const* x, int64_t M, const T* w, int64_t K, int64_t j0, int64_t j1,
@@ -297,6 +358,9 @@ void matmul_columns(Backend b, const T* const* x, int64_t M, const T* w, int64_t
     if (b == Backend::amx) return amx_columns(x[0], M, w, K, j0 / 16, (j1 + 15) / 16, out, ld);
   }
 #endif
+  if constexpr (std::is_same_v<T, float>) {
+    if (b == Backend::fma) return panel_columns(x, M, w, K, j0 / 16, (j1 + 15) / 16, out, ld);
+  }
   dot_rows<T>(x, M, w, K, j0, j1, out, ld);
 }
 
@@ -330,13 +394,23 @@ Backend parse_backend(const std::string& name, at::ScalarType dtype) {
     TORCH_CHECK(dtype == at::kBFloat16, "backend amx computes bf16 only, got ", dtype);
     return Backend::amx;
   }
-  TORCH_CHECK(name == "dot", "unknown backend '", name, "' (amx or dot)");
+  if (name == "fma") {
+    TORCH_CHECK(kHasF32, "backend fma: this build has no AVX2 or AVX-512 kernels");
+    TORCH_CHECK(dtype == at::kFloat, "backend fma computes fp32 only, got ", dtype);
+    return Backend::fma;
+  }
+  TORCH_CHECK(name == "dot", "unknown backend '", name, "' (amx, fma or dot)");
   TORCH_CHECK(dot_supports(dtype), "backend dot: no kernel for ", dtype, " on this CPU");
   return Backend::dot;
 }
 
-// Logical [N, K] of a weight: packed amx tiles [N/16, K/32, 16, 32] (leading dims: a stack), else [N, K].
+// Logical [N, K] of a weight: packed amx tiles [N/16, K/32, 16, 32], fma panels [N/16, K, 16] (leading dims: a
+// stack), else [N, K].
 std::pair<int64_t, int64_t> features(Backend b, const at::Tensor& w) {
+  if (b == Backend::fma) {
+    TORCH_CHECK(w.dim() >= 3 && w.size(-1) == 16, "fma weight must be packed [.., N/16, K, 16]");
+    return {w.size(-3) * 16, w.size(-2)};
+  }
   if (b == Backend::amx) {
     TORCH_CHECK(w.dim() >= 4 && w.size(-2) == 16 && w.size(-1) == 32, "amx weight must be packed [.., N/16, K/32, 16, 32]");
     return {w.size(-4) * 16, w.size(-3) * 32};
@@ -347,7 +421,8 @@ std::pair<int64_t, int64_t> features(Backend b, const at::Tensor& w) {
 // y [M, N] = x [M, K] @ w^T, in x's dtype (fp32 accumulation).
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const std::string& backend) {
   const Backend b = parse_backend(backend, x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == (b == Backend::amx ? 4 : 2), "linear: x [M, K] and one weight");
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == (b == Backend::amx ? 4 : b == Backend::fma ? 3 : 2),
+              "linear: x [M, K] and one weight");
   TORCH_CHECK(w.scalar_type() == x_in.scalar_type() && w.is_contiguous(), "linear: w must be contiguous ", x_in.scalar_type());
   const auto [N, K] = features(b, w);
   TORCH_CHECK(x_in.size(1) == K, "linear: x has ", x_in.size(1), " features, w expects ", K);
@@ -464,7 +539,7 @@ void moe_impl(Backend b, const at::Tensor& hidden, const at::Tensor& gate_up, co
 at::Tensor moe(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& row_in,
                const at::Tensor& token_in, const at::Tensor& weight_in, const std::string& backend) {
   const Backend b = parse_backend(backend, hidden_in.scalar_type());
-  const int64_t wdim = b == Backend::amx ? 5 : 3;
+  const int64_t wdim = b == Backend::amx ? 5 : b == Backend::fma ? 4 : 3;
   TORCH_CHECK(hidden_in.dim() == 2 && gate_up.dim() == wdim && down.dim() == wdim,
               "moe: hidden [T, H] and stacked gate_up, down of ", wdim, " dims");
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "moe: stacked weights must be contiguous");
@@ -586,10 +661,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
-// What this build can run here: "amx" (bf16), "dot:bfloat16", "dot:float32".
+// What this build can run here: "amx" (bf16), "fma" (fp32), "dot:bfloat16", "dot:float32".
 std::vector<std::string> backends() {
   std::vector<std::string> out;
   if (kHasAmx && amx_permitted()) out.push_back("amx");
+  if (kHasF32) out.push_back("fma");
   if (kHasBf16) out.push_back("dot:bfloat16");
   if (kHasF32) out.push_back("dot:float32");
   return out;

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from expert_workers import kernels
 
-BACKENDS = {"amx": torch.bfloat16, "dot:bfloat16": torch.bfloat16, "dot:float32": torch.float32}
+BACKENDS = {"amx": torch.bfloat16, "fma": torch.float32, "dot:bfloat16": torch.bfloat16, "dot:float32": torch.float32}
 HERE = kernels.available_backends()
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -7)}
 
@@ -33,7 +33,7 @@ def test_a_backend_is_built_on_x86_with_a_compiler():
 
     if platform.machine() != "x86_64" or shutil.which("c++") is None or os.environ.get(kernels.ENV) == "torch":
         pytest.skip("no x86-64 compiler here: plain torch is the documented path")
-    assert "dot:float32" in HERE, HERE  # every x86-64 CPU this runs on has at least AVX2 + FMA
+    assert {"fma", "dot:float32"} <= set(HERE), HERE  # every x86-64 CPU this runs on has at least AVX2 + FMA
 
 
 def test_pack_amx_layout_by_hand():
@@ -47,8 +47,19 @@ def test_pack_amx_layout_by_hand():
     assert stacked.shape == (2, 1, 1, 16, 32) and torch.equal(stacked[1], tiles + 1)
 
 
+def test_pack_panels_layout_by_hand():
+    # W [32, 3]: w[n, k] = 100 n + k. Line k of panel nb holds w[16 nb + c, k] for c = 0..15.
+    w = (100 * torch.arange(32)[:, None] + torch.arange(3)[None, :]).float()
+    panels = kernels.pack_panels(w)
+    assert panels.shape == (2, 3, 16)
+    assert panels[0, 0, :3].tolist() == [0, 100, 200]  # k=0: n=0, 1, 2
+    assert panels[1, 2, 15].item() == 3102  # panel 1, k=2, n=31
+    stacked = kernels.pack_panels(torch.stack([w, w + 1]))  # a stack of experts keeps its leading dim
+    assert stacked.shape == (2, 2, 3, 16) and torch.equal(stacked[1], panels + 1)
+
+
 def _weights(backend: str, w: torch.Tensor) -> torch.Tensor:
-    return kernels.pack_amx(w) if backend == "amx" else w
+    return kernels.pack_amx(w) if backend == "amx" else kernels.pack_panels(w) if backend == "fma" else w
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -59,6 +70,8 @@ def test_linear_matches_torch(backend, M, N, K):
         pytest.skip(f"{backend} is not built for this CPU")
     if backend == "amx" and (N % 16 or K % 32):
         pytest.skip("amx takes multiples of 16 x 32 only (prepare_linear keeps other shapes on torch)")
+    if backend == "fma" and N % 16:
+        pytest.skip("fma takes multiples of 16 features only (prepare_linear keeps other shapes on dot)")
     dtype = BACKENDS[backend]
     gen = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=gen).to(dtype), torch.randn(N, K, generator=gen).to(dtype)
@@ -132,21 +145,30 @@ def test_bad_inputs_name_what_is_wrong():
         kernels.moe(hidden, gate_up, down, "dot", torch.tensor([1]), torch.tensor([7]), torch.tensor([1.0]))
     with pytest.raises(RuntimeError, match="unknown backend 'avx9'"):
         torch.ops.moe_serve_cpu.linear(hidden, hidden, "avx9")
+    if "fma" in HERE:
+        with pytest.raises(RuntimeError, match=r"fma weight must be packed \[.., N/16, K, 16\]"):
+            torch.ops.moe_serve_cpu.linear(hidden, torch.randn(2, 16, 8), "fma")
+        with pytest.raises(RuntimeError, match="backend fma computes fp32 only"):
+            torch.ops.moe_serve_cpu.linear(hidden.bfloat16(), kernels.pack_panels(torch.randn(16, 16)).bfloat16(), "fma")
 
 
 def test_prepared_weights_run_on_the_kernel_and_keep_torch_semantics():
-    """prepare_linear/linear: the same result as F.linear, any leading dims, bias added; big batches on dot
-    go to oneDNN's linear on a prepacked copy, and dtypes without a kernel to torch."""
+    """prepare_linear/linear: the same result as F.linear, any leading dims, bias added; fp32 weights of 16k
+    features go to fma panels, others to dot, whose big batches run oneDNN's linear on a prepacked copy; dtypes
+    without a kernel stay on torch."""
     gen = torch.Generator().manual_seed(2)
-    for dtype in (torch.float32, torch.bfloat16):
-        w, bias = torch.randn(32, 64, generator=gen).to(dtype), torch.randn(32, generator=gen).to(dtype)
+    for dtype, features in [(torch.float32, 32), (torch.float32, 20), (torch.bfloat16, 32)]:
+        w = torch.randn(features, 64, generator=gen).to(dtype)
+        bias = torch.randn(features, generator=gen).to(dtype)
         prepared = kernels.prepare_linear(w)
+        if dtype == torch.float32 and "fma" in HERE:
+            assert prepared.backend == ("fma" if features % 16 == 0 else "dot"), prepared.backend
         if isinstance(prepared, kernels.LinearWeight) and prepared.backend == "dot":
             assert (prepared.onednn is not None) == torch.backends.mkldnn.is_available()
         for shape in [(1, 64), (3, 2, 64), (50, 64), (5, 13, 64)]:
             x = torch.randn(*shape, generator=gen).to(dtype)
             got = kernels.linear(x, prepared, bias)
-            assert got.dtype == dtype and got.shape == (*shape[:-1], 32)
+            assert got.dtype == dtype and got.shape == (*shape[:-1], features)
             torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), bias.float()), **TOL[dtype])
     half = torch.randn(4, 64, generator=gen).half()
     assert kernels.prepare_linear(w.half()) is not None
@@ -213,7 +235,7 @@ def test_decode_attention_matches_sdpa(dtype, Q, N):
 
 def test_avx2_build_matches_torch():
     """The kernels as an AVX2-only CPU (AMD without AVX-512, say) builds them: -march=haswell, run here in a
-    subprocess. Only dot:float32 exists there; linear, moe and decode attention must still match torch."""
+    subprocess. Only fma and dot:float32 exist there; linear, moe and decode attention must still match torch."""
     import platform
     import shutil
 
@@ -222,10 +244,23 @@ def test_avx2_build_matches_torch():
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from expert_workers import kernels
-        assert kernels.available_backends() == ("dot:float32",), kernels.available_backends()
+        assert kernels.available_backends() == ("fma", "dot:float32"), kernels.available_backends()
         g = torch.Generator().manual_seed(0)
         x, w = torch.randn(5, 40, generator=g), torch.randn(20, 40, generator=g)
         torch.testing.assert_close(torch.ops.moe_serve_cpu.linear(x, w, "dot"), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        for m in (1, 6, 7, 13):  # one row block, a full one, and the tails after it (6 rows per block on AVX2)
+            x, w = torch.randn(m, 40, generator=g), torch.randn(48, 40, generator=g)
+            got = torch.ops.moe_serve_cpu.linear(x, kernels.pack_panels(w), "fma")
+            torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        gate_up, down = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 16, generator=g)
+        h = torch.randn(4, 16, generator=g)
+        row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
+        want = torch.zeros(4, 16)
+        for r, t, c in zip(row.tolist(), token.tolist(), wt.tolist()):
+            a, b = F.linear(h[t], gate_up[r]).chunk(2)
+            want[t] += c * F.linear(F.silu(a) * b, down[r])
+        got = kernels.moe(h, kernels.pack_panels(gate_up), kernels.pack_panels(down), "fma", row, token, wt)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         gate_up, down = torch.randn(3, 16, 24, generator=g), torch.randn(3, 24, 8, generator=g)
         h = torch.randn(4, 24, generator=g)
         row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
