@@ -191,19 +191,26 @@ void dot_rows(const T* const* x, int64_t M, const T* w, int64_t K, int64_t n0, i
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 constexpr int PV = 16 / W;         // vectors per panel line: 2 on AVX2, 1 on AVX-512
 constexpr int FR = 12 / PV;        // token rows per register block: 6 on AVX2, 12 on AVX-512
-constexpr int64_t PANEL_PF = 32;   // panel lines fetched ahead into L2 (2 KB): more lines in flight than L1 asks for
+constexpr int64_t PANEL_PF = 32;   // one row block: panel lines fetched ahead into L2 (2 KB), more than L1 asks for
+// Several row blocks go over a panel in chunks of PANEL_KC lines (8 KB, in L1 beside the rows' inputs), every
+// block per chunk, while the first block fetches the next chunk: the panel's stream from DRAM then overlaps
+// the blocks' FMAs instead of preceding them (one pass per block left each line 1 DRAM wait + 5 L2 reads at
+// 32 rows). Each output still sums k in order in one lane, so the bits do not depend on the blocking.
+constexpr int64_t PANEL_KC = 128;
 
-// out[m * ld + c] (c < 16) = x_m . W[16 nb + c] for m < mr, p: panel nb.
+// out[m * ld + c] (+)= sum over k in [k0, k1) of x_m[k] W[16 nb + c][k] for m < mr, c < 16; p: panel nb.
+// first: start from zero (else from out); ahead: lines fetched ahead into L2 (0: none).
 template <int mr>
-inline void panel_block(const float* const* x, const float* p, int64_t K, bool fetch, float* out, int64_t ld) {
+inline void panel_block(const float* const* x, const float* p, int64_t k0, int64_t k1, bool first, int64_t ahead,
+                        float* out, int64_t ld) {
   vec acc[mr][PV];
   _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m)
-    _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) acc[m][v] = vzero();
+    _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) acc[m][v] = first ? vzero() : vload(out + m * ld + v * W);
   const float* xr[mr];
   _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m) xr[m] = x[m];
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const float* line = p + k * 16;
-    if (fetch) _mm_prefetch(reinterpret_cast<const char*>(line + PANEL_PF * 16), _MM_HINT_T1);
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(line + ahead * 16), _MM_HINT_T1);
     vec wv[PV];
     _Pragma("GCC unroll 2") for (int v = 0; v < PV; ++v) wv[v] = vload(line + v * W);
     _Pragma("GCC unroll 12") for (int m = 0; m < mr; ++m) {
@@ -218,20 +225,26 @@ inline void panel_block(const float* const* x, const float* p, int64_t K, bool f
 // out[m * ld + j] for m < M and the output features j of panels [nb0, nb1); w packed [N/16, K, 16].
 void panel_columns(const float* const* x, int64_t M, const float* w, int64_t K, int64_t nb0, int64_t nb1, float* out,
                    int64_t ld) {
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const float* p = w + nb * K * 16;
-    // Row blocks after the first find the panel in L2 (48 KB at K = 768); only the first fetches ahead.
-    for (int64_t m0 = 0; m0 < M; m0 += FR) {
-      const int64_t mr = std::min<int64_t>(FR, M - m0);
-      float* o = out + m0 * ld + nb * 16;
-      const bool fetch = m0 == 0;
+  auto block = [&](int64_t m0, const float* p, int64_t k0, int64_t k1, bool first, int64_t ahead, float* o) {
+    switch (std::min<int64_t>(FR, M - m0)) {
 #define BLOCK(k) \
   case k:        \
-    if constexpr (k <= FR) panel_block<k>(x + m0, p, K, fetch, o, ld); \
+    if constexpr (k <= FR) panel_block<k>(x + m0, p, k0, k1, first, ahead, o, ld); \
     break;
-      switch (mr) { BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) BLOCK(9) BLOCK(10) BLOCK(11) BLOCK(12) }
+      BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) BLOCK(9) BLOCK(10) BLOCK(11) BLOCK(12)
 #undef BLOCK
     }
+  };
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const float* p = w + nb * K * 16;
+    float* o = out + nb * 16;
+    if (M <= FR) {
+      block(0, p, 0, K, true, PANEL_PF, o);
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += PANEL_KC)
+      for (int64_t m0 = 0; m0 < M; m0 += FR)
+        block(m0, p, k0, std::min(K, k0 + PANEL_KC), k0 == 0, m0 == 0 ? PANEL_KC : 0, o + m0 * ld);
   }
 }
 #else

@@ -80,6 +80,20 @@ def test_linear_matches_torch(backend, M, N, K):
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), **TOL[dtype])
 
 
+def test_fma_row_bits_do_not_depend_on_the_batch():
+    """fma sums each output over k in order in one vector lane, whatever the row blocking and K chunking (6 or
+    12 rows per block, chunks only when there are several blocks), so a row's result is the same bits alone as
+    inside any batch: identical by construction, hence exact equality on any CPU."""
+    if "fma" not in HERE:
+        pytest.skip("fma is not built for this CPU")
+    gen = torch.Generator().manual_seed(5)
+    w = kernels.pack_panels(torch.randn(48, 300, generator=gen))  # K = 300: a partial last chunk of 128 lines
+    x = torch.randn(40, 300, generator=gen)
+    alone = torch.cat([torch.ops.moe_serve_cpu.linear(x[m : m + 1], w, "fma") for m in range(40)])
+    for M in (6, 7, 13, 40):
+        assert torch.equal(torch.ops.moe_serve_cpu.linear(x[:M], w, "fma"), alone[:M]), M
+
+
 def _experts(n: int, H: int, I: int, dtype: torch.dtype, seed: int = 0):  # noqa: E741
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 2 * I, H, generator=gen) * 0.1).to(dtype), (torch.randn(n, H, I, generator=gen) * 0.1).to(dtype)
