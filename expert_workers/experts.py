@@ -208,7 +208,7 @@ class ExpertGroup:
         if int(rows.min()) < 0:
             missing = sorted(set(expert[rows < 0].tolist()))
             raise KeyError(f"layer {layer}: experts {missing} are not hosted here")
-        if le.backend in ("amx", "fma"):  # packed weights: the fused kernel, at any row count
+        if le.backend in kernels.PACKED:  # packed weights: the fused kernel, at any row count
             return kernels.moe(hidden, le.gate_up, le.down, le.backend, rows, token, weight)
         counts = torch.bincount(rows, minlength=le.gate_up.shape[0])  # [n] pairs per hosted row
         if le.backend == "dot" and int(counts.max()) <= kernels.MOE_DOT_MAX_ROWS:  # fused: decode

@@ -5,13 +5,15 @@ stream from memory. torch's GEMMs reach a third to a half of that rate at these 
 in `csrc/cpu_kernels.cpp` reach most of it (figures: docs/kernels.md). They are built on first use for
 the CPU they run on and used where they apply:
 
-    backend  dtype            weights                              rows per call
-    amx      bf16 (AMX CPUs)  prepacked once into VNNI tiles        any
-    fma      fp32 (AVX-512 or AVX2 with FMA)  prepacked once into  any
-                              panels of 16 output features
-    dot      bf16 with AVX512-BF16; fp32 weights that do not fit    at most DOT_MAX_ROWS; a linear of more
-             panels           (and a oneDNN-prepacked copy)        rows runs torch's oneDNN linear on the copy
-    torch    anything else, GPUs, or when the build is unavailable  any
+    backend  dtype                  weights                             rows per call
+    amx      bf16 (AMX CPUs)        prepacked once into VNNI tiles       any
+    fma      fp32 (AVX-512, or      prepacked once into panels of 16     any
+             AVX2 with FMA)         output features
+    dot      bf16 (AVX512-BF16);    unpacked (and a oneDNN-prepacked     at most DOT_MAX_ROWS; a linear of
+             fp32 weights whose     copy)                                more rows runs torch's oneDNN
+             features do not fit                                         linear on the copy
+             panels
+    torch    anything else, GPUs, or when the build is unavailable      any
 
 Weights of a linear go through `prepare_linear` once after loading, stacked routed experts through
 `prepare_experts`; `linear` and `moe` then run whatever backend the prepared weight was made for, so a
@@ -52,6 +54,8 @@ DOT_MAX_ROWS = 8
 # 2.3x (bf16) and 2.5x (AVX2 fp32) faster at 32 sequences than the per-expert torch paths, which read each
 # expert's weights at a third of the rate. Prefill (about 100 rows per expert at 512 tokens) stays on those:
 # there the register tiles are compute-bound (AVX2 fp32 prefill fell from 419 to 275 tokens/s fused).
+# (fp32 layers have since moved to the packed fma backend, which serves every row count; dot keeps bf16
+# without AMX and the rare fp32 shapes that do not fit panels.)
 MOE_DOT_MAX_ROWS = 32
 # The batch size oneDNN packs a linear's weight for (torch.ops.mkldnn._reorder_linear_weight): a hint for its
 # blocking only, any row count runs on the result. 32 measured as well as the exact size at 12 to 64 rows.
@@ -145,11 +149,13 @@ def _fits(backend: str, w: torch.Tensor) -> bool:
 
 
 _PACK = {"amx": pack_amx, "fma": pack_panels}
+PACKED = frozenset(_PACK)  # backends whose weights only the kernels read: every row count runs on them
 
 
 @dataclass(frozen=True)
 class LinearWeight:
-    """A linear's weight made ready once for its backend: `weight` is [N, K], or packed tiles for amx."""
+    """A linear's weight made ready once for its backend: `weight` is [N, K], packed tiles for amx, or panels
+    [N/16, K, 16] for fma."""
 
     weight: torch.Tensor
     backend: str  # "amx", "fma" or "dot"
@@ -195,7 +201,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | LinearWeight, bias: torch.Tensor |
         return F.linear(x, w, bias)
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if x.dtype != w.weight.dtype or (w.backend == "dot" and rows.shape[0] > DOT_MAX_ROWS):
-        if w.backend in _PACK:  # packed: no torch op reads it; compute in its dtype
+        if w.backend in PACKED:  # no torch op reads it; compute in its dtype
             return linear(x.to(w.weight.dtype), w, bias).to(x.dtype)
         if w.onednn is not None and x.dtype == w.weight.dtype:
             m, padded = rows.shape[0], onednn_rows(rows.shape[0])

@@ -2,7 +2,7 @@
 //
 // A decode step reads every weight it touches once and multiplies it by a handful of token rows. torch's
 // general GEMMs reach a third to a half of the memory bandwidth at such shapes (docs/kernels.md), so the
-// matmuls are written here as two backends chosen per CPU when this file is built:
+// matmuls are written here as three backends chosen per CPU when this file is built:
 //   amx   bf16 on AMX: weights prepacked once into VNNI tiles (kernels.pack_amx), any number of rows;
 //   fma   fp32 on AVX-512 or AVX2+FMA: weights prepacked once into panels of 16 output features
 //         (kernels.pack_panels), multiplied as outer products of broadcast token elements, any number of rows;
@@ -244,9 +244,10 @@ void panel_columns(const float* const* x, int64_t M, const float* w, int64_t K, 
       block(0, p, 0, K, true, PANEL_PF, o);
       continue;
     }
-    for (int64_t k0 = 0; k0 < K; k0 += PANEL_KC)
+    const int64_t chunks = std::max<int64_t>(1, (K + PANEL_KC - 1) / PANEL_KC);  // one even for K = 0: zeros
+    for (int64_t c = 0; c < chunks; ++c)
       for (int64_t m0 = 0; m0 < M; m0 += FR)
-        block(m0, p, k0, std::min(K, k0 + PANEL_KC), k0 == 0, PANEL_KC, o + m0 * ld);
+        block(m0, p, c * PANEL_KC, std::min(K, (c + 1) * PANEL_KC), c == 0, PANEL_KC, o + m0 * ld);
   }
 }
 #else
@@ -381,7 +382,7 @@ void matmul_columns(Backend b, const T* const* x, int64_t M, const T* w, int64_t
 
 inline int64_t padded(int64_t m) { return (m + 15) / 16 * 16; }
 
-// Input rows for one matmul: row pointers for dot; for amx one zero-padded contiguous block (its first row).
+// Input rows for one matmul: row pointers for dot and fma; for amx one zero-padded contiguous block (its first row).
 template <typename T>
 struct Rows {
   std::vector<T> block;
@@ -469,7 +470,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const std::string
 // The routed-expert FFN of one layer, fused:
 //   out[t] = sum over pairs p with token[p] = t of  weight[p] * down_r(silu(gate_r x_t) * up_r x_t),  r = row[p]
 // hidden [T, H]; gate_up [n, 2I, H] (gate features first, then up), down [n, H, I], each a stack of hosted
-// rows (packed per row on amx); row, token [P] int64; weight [P] fp32. Returns [T, H] in hidden's dtype.
+// rows (packed per row on amx and fma); row, token [P] int64; weight [P] fp32. Returns [T, H] in hidden's dtype.
 template <typename T>
 void moe_impl(Backend b, const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
               const int64_t* row, const int64_t* token, const float* weight, int64_t P, float* out) {

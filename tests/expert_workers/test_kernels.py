@@ -87,11 +87,24 @@ def test_fma_row_bits_do_not_depend_on_the_batch():
     if "fma" not in HERE:
         pytest.skip("fma is not built for this CPU")
     gen = torch.Generator().manual_seed(5)
-    w = kernels.pack_panels(torch.randn(48, 300, generator=gen))  # K = 300: a partial last chunk of 128 lines
+    plain = torch.randn(48, 300, generator=gen)  # K = 300: a partial last chunk of 128 lines
+    w = kernels.pack_panels(plain)
     x = torch.randn(40, 300, generator=gen)
     alone = torch.cat([torch.ops.moe_serve_cpu.linear(x[m : m + 1], w, "fma") for m in range(40)])
+    torch.testing.assert_close(alone, F.linear(x, plain), **TOL[torch.float32])
     for M in (6, 7, 13, 40):
         assert torch.equal(torch.ops.moe_serve_cpu.linear(x[:M], w, "fma"), alone[:M]), M
+    empty = torch.ops.moe_serve_cpu.linear(x[:13, :0], kernels.pack_panels(plain[:, :0]), "fma")  # K = 0
+    assert torch.equal(empty, torch.zeros(13, 48))
+
+
+def test_fp32_experts_that_do_not_fit_panels_stay_on_dot():
+    if "fma" not in HERE:
+        pytest.skip("fma is not built for this CPU")
+    fit, unfit = _experts(2, 32, 16, torch.float32), _experts(2, 20, 16, torch.float32)  # H = 20: no panels
+    assert kernels.prepare_experts(*fit)[2] == "fma" and kernels.prepare_experts(*fit)[0].shape == (2, 2, 32, 16)
+    gate_up, down, backend = kernels.prepare_experts(*unfit)
+    assert backend == "dot" and gate_up is unfit[0] and down is unfit[1]
 
 
 def _experts(n: int, H: int, I: int, dtype: torch.dtype, seed: int = 0):  # noqa: E741
@@ -262,8 +275,8 @@ def test_avx2_build_matches_torch():
         g = torch.Generator().manual_seed(0)
         x, w = torch.randn(5, 40, generator=g), torch.randn(20, 40, generator=g)
         torch.testing.assert_close(torch.ops.moe_serve_cpu.linear(x, w, "dot"), F.linear(x, w), rtol=1e-5, atol=1e-5)
-        for m in (1, 6, 7, 13):  # one row block, a full one, and the tails after it (6 rows per block on AVX2)
-            x, w = torch.randn(m, 40, generator=g), torch.randn(48, 40, generator=g)
+        for m, k in ((1, 40), (6, 40), (7, 40), (13, 300)):  # one row block, a full one, tails; K in 3 chunks
+            x, w = torch.randn(m, k, generator=g), torch.randn(48, k, generator=g)
             got = torch.ops.moe_serve_cpu.linear(x, kernels.pack_panels(w), "fma")
             torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
         gate_up, down = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 16, generator=g)
