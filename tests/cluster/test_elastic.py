@@ -34,7 +34,7 @@ PROMPTS = [[5, 17, 300, 42], [7], [1000, 2000, 3000, 4000, 5000, 6000], [9, 9, 9
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model):
     settings = ClusterSettings(model=tiny_model, num_workers=2, port=0, engine=ENGINE, load_window_seconds=600,
-                               rebalance_below_balancedness=None, migration_weight=0.05, plan_deadline_seconds=3,
+                               rebalance_below_balancedness=None, migration_weight=0.05, plan_deadline_seconds=8,
                                autoscaling=AutoscalingPolicy(interval_seconds=0.5))
     controller, ports = start_cluster(settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
@@ -217,7 +217,7 @@ def scraped(port: int, name: str, **labels) -> float:
 def test_admin_answers_while_a_plan_is_computed_and_a_late_plan_is_dropped(cluster, ray_metrics_port):
     """The planner runs beside the controller's event loop. With a Rebalance's plan computation parked at
     the controller's "plan" pause point (instrumentation, not a timing), every admin call answers, and the
-    control loop skips its turns instead of queueing behind the plan. Parked past this cluster's 3 s plan
+    control loop skips its turns instead of queueing behind the plan. Parked past this cluster's 8 s plan
     deadline, the plan is dropped when it completes: nothing changes, and the Rebalance answer says so."""
     controller, stub, admin = cluster
     ray = __import__("ray")
@@ -243,7 +243,7 @@ def test_admin_answers_while_a_plan_is_computed_and_a_late_plan_is_dropped(clust
                    "two control-loop turns skipping")
         assert parked(controller, "plan")  # every answer above came while the plan was being computed
         assert not future.done()
-        time.sleep(3.5)  # keep it parked past the plan deadline
+        time.sleep(8.5)  # keep it parked past the plan deadline
     finally:
         ray.get(controller.release.remote("plan"))
     late = future.result()
@@ -289,6 +289,7 @@ def test_workers_are_reported_starting_draining_and_dead(cluster, expected):
 
     during, ref = held(lambda: controller.rebalance.remote(PlanChangeReason.SCALE_OUT, "test", len(names) + 1))
     out = ray.get(ref)
+    assert len(out.get("started", [])) == 1, out
     [fresh] = out["started"]
     new_name = f"expert-worker-{fresh}"
     assert during.plan_version == before.plan_version  # not in force yet
@@ -298,7 +299,7 @@ def test_workers_are_reported_starting_draining_and_dead(cluster, expected):
 
     during, ref = held(lambda: controller.rebalance.remote(PlanChangeReason.SCALE_IN, "test", len(names)))
     back = ray.get(ref)
-    assert back["drained"] == [fresh]
+    assert back.get("drained") == [fresh], back  # the record says why otherwise (dropped: planned past the deadline)
     assert states(during) == {**{n: "READY" for n in names}, new_name: "DRAINING"}
     assert states(admin.GetPlacement(admin_pb2.GetPlacementRequest())) == {n: "READY" for n in names}
 
