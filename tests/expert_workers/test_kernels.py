@@ -279,23 +279,17 @@ def test_avx2_build_matches_torch():
             x, w = torch.randn(m, k, generator=g), torch.randn(48, k, generator=g)
             got = torch.ops.moe_serve_cpu.linear(x, kernels.pack_panels(w), "fma")
             torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
-        gate_up, down = torch.randn(3, 32, 16, generator=g), torch.randn(3, 16, 16, generator=g)
-        h = torch.randn(4, 16, generator=g)
-        row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
-        want = torch.zeros(4, 16)
-        for r, t, c in zip(row.tolist(), token.tolist(), wt.tolist()):
-            a, b = F.linear(h[t], gate_up[r]).chunk(2)
-            want[t] += c * F.linear(F.silu(a) * b, down[r])
-        got = kernels.moe(h, kernels.pack_panels(gate_up), kernels.pack_panels(down), "fma", row, token, wt)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        gate_up, down = torch.randn(3, 16, 24, generator=g), torch.randn(3, 24, 8, generator=g)
-        h = torch.randn(4, 24, generator=g)
-        row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
-        want = torch.zeros(4, 24)
-        for r, t, c in zip(row.tolist(), token.tolist(), wt.tolist()):
-            a, b = F.linear(h[t], gate_up[r]).chunk(2)
-            want[t] += c * F.linear(F.silu(a) * b, down[r])
-        torch.testing.assert_close(kernels.moe(h, gate_up, down, "dot", row, token, wt), want, rtol=1e-5, atol=1e-5)
+        # fma packs panels of 16 features (H = 16); dot takes any shape (H = 24).
+        for backend, H, I, pack in (("fma", 16, 16, kernels.pack_panels), ("dot", 24, 8, lambda t: t)):
+            gate_up, down = torch.randn(3, 2 * I, H, generator=g), torch.randn(3, H, I, generator=g)
+            h = torch.randn(4, H, generator=g)
+            row, token, wt = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 3]), torch.rand(4, generator=g)
+            want = torch.zeros(4, H)
+            for r, t, c in zip(row.tolist(), token.tolist(), wt.tolist()):
+                a, b = F.linear(h[t], gate_up[r]).chunk(2)
+                want[t] += c * F.linear(F.silu(a) * b, down[r])
+            got = kernels.moe(h, pack(gate_up), pack(down), backend, row, token, wt)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         q, k, v = torch.randn(2, 4, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g)
         got = kernels.decode_attention(q, k, v, torch.tensor([2, 0]), torch.tensor([5, 8]), 0.25)
         ref = F.scaled_dot_product_attention(q[0, :, None], k[2, :, :5].repeat_interleave(2, 0),
