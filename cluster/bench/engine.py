@@ -153,10 +153,17 @@ class VLLMPeer:
         self.proc.wait(timeout=60)
 
 
-def decode_rate(run, batch: int, tokens: int) -> float:
-    """Decode tokens/s of one round: (N-token run) minus (1-token run) isolates decode steps."""
-    extra = _seconds(run, tokens) - _seconds(run, 1)
-    return batch * (tokens - 1) / extra
+def decode_rate(run, batch: int, tokens: int, attempts: int = 5) -> float:
+    """Decode tokens/s of one round: (N-token run) minus (1-token run) isolates decode steps.
+
+    On a small model and a busy machine the 1-token run can take longer than the N-token one (a preempted
+    prefill), which would give a negative rate: such a pair is measured again, up to `attempts` times."""
+    for _ in range(attempts):
+        extra = _seconds(run, tokens) - _seconds(run, 1)
+        if extra > 0:
+            return batch * (tokens - 1) / extra
+    raise RuntimeError(f"decode rate at batch {batch}: {attempts} rounds of {tokens} tokens took no longer than "
+                       f"1 token; the machine is too noisy for this measurement (raise --tokens)")
 
 
 def _seconds(run, n: int) -> float:

@@ -61,3 +61,16 @@ def test_vllm_view_parses_as_a_transformers_config(tiny_model):
                   "num_experts_per_tok", "hidden_size", "rms_norm_eps"):
         assert getattr(config, field) == raw[field], field
     assert (view / "model.safetensors").resolve() == (__import__("pathlib").Path(tiny_model) / "model.safetensors").resolve()
+
+
+def test_decode_rate_measures_again_instead_of_going_negative():
+    """A 1-token run slower than the N-token one (a preempted prefill) is noise, not a rate: the pair is
+    measured again; a machine that never gives a positive difference is an error that says so."""
+    import pytest
+
+    from cluster.bench.engine import decode_rate
+
+    times = iter([1.0, 2.0, 3.0, 1.0])  # seconds of: N tokens, 1 token (slower), N tokens, 1 token
+    assert decode_rate(lambda n: next(times), batch=2, tokens=5) == 2 * 4 / 2.0
+    with pytest.raises(RuntimeError, match="took no longer than 1 token"):
+        decode_rate(lambda n: 1.0, batch=1, tokens=5, attempts=3)
